@@ -1,0 +1,154 @@
+"""The SpecExec decode loop: grow a draft tree, verify it in one target pass, accept, commit.
+
+The engine yields events; it never prints. Callers render `Text`, and read `Pass` and `Done`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from drafts.base import Drafter
+
+from .errors import UserError
+from .lm import Target
+from .sampling import Sampler, accept
+from .settings import DecodeSettings
+
+
+@dataclass
+class Text:
+    """Newly accepted text (may be empty while a multi-byte character is incomplete)."""
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Pass:
+    """One draft + target iteration."""
+    tree_size: int
+    accepted: int  # tokens emitted by this pass (accepted tree nodes + the one drawn after them)
+    draft_s: float
+    target_s: float
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_passes: int = 0
+    draft_s: float = 0.0
+    target_s: float = 0.0
+    wall_s: float = 0.0
+    tree_nodes: int = 0
+    stop_reason: str = ""
+
+    @property
+    def accepted_per_pass(self) -> float:
+        return self.new_tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def pass_s(self) -> float:
+        return self.target_s / self.target_passes if self.target_passes else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(accepted_per_pass=self.accepted_per_pass, tokens_per_s=self.tokens_per_s,
+                 pass_s=self.pass_s)
+        return d
+
+    def add(self, other: Stats) -> None:
+        for name in ("prompt_tokens", "new_tokens", "target_passes", "draft_s", "target_s",
+                     "wall_s", "tree_nodes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class Done:
+    stats: Stats
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self.emitted):] if text.startswith(self.emitted) else text
+        self.emitted = text
+        return delta
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cut(tokens: list[int], stop_ids: set[int], room_new: int, room_ctx: int) -> tuple[list[int], str]:
+    """Tokens to emit from one pass, and why generation stops ('' if it goes on)."""
+    room = min(room_new, room_ctx)
+    for i, t in enumerate(tokens[:room]):
+        if t in stop_ids:
+            return tokens[:i], "eos"
+    if len(tokens) >= room:
+        return tokens[:room], "length" if room_new <= room_ctx else "context"
+    return tokens, ""
+
+
+def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: DecodeSettings,
+             tokenizer, stop_ids: set[int]) -> Iterator[Text | Pass | Done]:
+    """Exact speculative generation after `prompt_ids`; yields Text and Pass events, then Done."""
+    if not prompt_ids:
+        raise UserError("the prompt is empty")
+    context = target.context_length
+    if len(prompt_ids) >= context:
+        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
+    sample = Sampler(settings.temperature, settings.top_p, settings.seed)
+    detok = Detokenizer(tokenizer)
+    stats = Stats(prompt_tokens=len(prompt_ids))
+    tokens = list(prompt_ids)
+    new: list[int] = []
+    start = time.perf_counter()
+    reason = ""
+    while not reason:
+        room_new, room_ctx = settings.max_new_tokens - len(new), context - len(tokens)
+        t0 = time.perf_counter()
+        tree = drafter.propose(tokens, settings.budget)
+        # Nodes past the room left would be wasted work, or positions outside the context.
+        tree = tree.within_depth(min(room_new, room_ctx) - 1)
+        _sync(target.device)
+        t1 = time.perf_counter()
+        logits = target.verify(tokens, tree)
+        path, drawn = accept(tree, logits, sample)
+        target.commit(tree, path)
+        _sync(target.device)
+        t2 = time.perf_counter()
+        out, reason = _cut(drawn, stop_ids, room_new, room_ctx)
+        tokens += out
+        new += out
+        stats.target_passes += 1
+        stats.tree_nodes += len(tree)
+        stats.draft_s += t1 - t0
+        stats.target_s += t2 - t1
+        yield Pass(tree_size=len(tree), accepted=len(out), draft_s=t1 - t0, target_s=t2 - t1)
+        if out:
+            yield Text(detok.push(out), out)
+    stats.new_tokens = len(new)
+    stats.wall_s = time.perf_counter() - start
+    stats.stop_reason = reason
+    yield Done(stats, new)

@@ -1,0 +1,67 @@
+"""Key/value cache bookkeeping: which committed tokens a cache holds, and the commit of a path."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def new_cache() -> DynamicCache:
+    # No config: every layer is a plain full-attention DynamicLayer, which the commit below can edit.
+    return DynamicCache()
+
+
+def cache_len(cache: DynamicCache) -> int:
+    return cache.get_seq_length()
+
+
+def keep_slots(cache: DynamicCache, slots: torch.Tensor | list[int]) -> None:
+    """Keep only the cache entries at `slots` (in that order) in every layer."""
+    index = torch.as_tensor(slots, dtype=torch.long)
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        idx = index.to(layer.keys.device)
+        layer.keys = layer.keys.index_select(-2, idx)
+        layer.values = layer.values.index_select(-2, idx)
+
+
+def truncate(cache: DynamicCache, length: int) -> None:
+    """Drop every entry from position `length` on."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        layer.keys = layer.keys[..., :length, :]
+        layer.values = layer.values[..., :length, :]
+
+
+class TokenCache:
+    """A KV cache together with the committed tokens it holds, position for position.
+
+    `sync(tokens)` keeps the longest cached prefix of `tokens` and returns the rest (the pending
+    tokens, at least one, so that a forward pass can produce the distribution after `tokens`).
+    """
+
+    def __init__(self) -> None:
+        self.cache = new_cache()
+        self.tokens: list[int] = []
+
+    def sync(self, tokens: list[int]) -> list[int]:
+        common = 0
+        limit = min(len(self.tokens), len(tokens) - 1)
+        while common < limit and self.tokens[common] == tokens[common]:
+            common += 1
+        if common < len(self.tokens) or cache_len(self.cache) > common:
+            truncate(self.cache, common)
+            self.tokens = self.tokens[:common]
+        return list(tokens[common:])
+
+    def commit(self, tokens: list[int], slots: list[int]) -> None:
+        """After a pass, keep the committed prefix plus the entries at `slots`, which hold `tokens`."""
+        base = len(self.tokens)
+        keep_slots(self.cache, list(range(base)) + list(slots))
+        self.tokens = self.tokens + list(tokens)
+
+    def reset(self) -> None:
+        self.cache = new_cache()
+        self.tokens = []

@@ -1,0 +1,35 @@
+"""Named model pairs from configs/presets.toml."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+PRESETS_FILE = Path(__file__).resolve().parent.parent / "configs" / "presets.toml"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    target: str
+    draft: str
+    budget: int
+    description: str = ""
+
+
+def load_presets(path: Path = PRESETS_FILE) -> dict[str, Preset]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot read presets {path}: {e}") from e
+    try:
+        return {name: Preset(name=name, **fields) for name, fields in raw.items()}
+    except TypeError as e:
+        raise UserError(f"bad preset in {path}: {e}") from e
+
+
+def get_preset(name: str) -> Preset | None:
+    return load_presets().get(name)

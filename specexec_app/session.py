@@ -1,0 +1,94 @@
+"""Assembling a target, a drafter and a tokenizer from what the user named."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from drafts import Drafter, ModelDrafter, NgramDrafter
+
+from . import engine
+from .errors import UserError
+from .lm import Target
+from .models import (Status, _quiet, check_same_tokenizer, load_model, load_tokenizer, resolve,
+                     stop_ids)
+from .presets import get_preset
+from .settings import DecodeSettings
+
+SELF_DRAFTS = {"self-int8": "int8", "self-nf4": "nf4"}
+
+
+@dataclass
+class Pipeline:
+    target: Target
+    drafter: Drafter
+    tokenizer: object
+    stop_ids: set[int]
+    target_name: str
+    draft_name: str
+    default_budget: int
+
+    def encode(self, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
+        if not prompt.strip():
+            raise UserError("the prompt is empty")
+        if raw:
+            return self.tokenizer(prompt).input_ids
+        return self.encode_chat(([{"role": "system", "content": system}] if system else [])
+                                + [{"role": "user", "content": prompt}])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"{self.target_name} has no chat template; use --raw")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def generate(self, prompt_ids: list[int], settings: DecodeSettings) -> Iterator:
+        return engine.generate(self.target, self.drafter, prompt_ids, settings, self.tokenizer,
+                               self.stop_ids)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available")
+    return torch.device(name)
+
+
+def build(target: str = "default", draft: str | None = None, device: str = "auto",
+          trust_remote_code: bool = False, status: Status = _quiet) -> Pipeline:
+    budget = 32
+    preset = get_preset(target)
+    if preset:
+        target, budget = preset.target, preset.budget
+        draft = draft or preset.draft
+    draft = draft or "ngram"
+    draft_preset = get_preset(draft)
+    if draft_preset:
+        draft = draft_preset.draft
+    dev = pick_device(device)
+
+    src = resolve(target, status)
+    status(f"loading {target}")
+    tokenizer = load_tokenizer(src, trust_remote_code)
+    model = load_model(src, dev, trust_remote_code=trust_remote_code)
+    stops = stop_ids(tokenizer, model)
+    vocab = min(len(tokenizer), model.config.vocab_size)
+
+    if draft == "ngram":
+        drafter: Drafter = NgramDrafter()
+    elif draft in SELF_DRAFTS:
+        status(f"quantizing a {SELF_DRAFTS[draft]} copy of {target} as the draft")
+        drafter = ModelDrafter(load_model(src, dev, quant=SELF_DRAFTS[draft]), vocab,
+                               stop_ids=frozenset(stops))
+    else:
+        dsrc = resolve(draft, status)
+        status(f"loading draft {draft}")
+        check_same_tokenizer(tokenizer, load_tokenizer(dsrc, trust_remote_code))
+        dmodel = load_model(dsrc, dev, trust_remote_code=trust_remote_code)
+        drafter = ModelDrafter(dmodel, min(vocab, dmodel.config.vocab_size),
+                               stop_ids=frozenset(stops))
+    return Pipeline(Target(model, target), drafter, tokenizer, stops, target, draft, budget)
