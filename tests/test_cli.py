@@ -1,0 +1,97 @@
+"""`specexec run` as a user meets it: clean output, one-line errors, non-zero exits."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from specexec_app.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, ["run", *args])
+
+
+def assert_one_line_error(result, needle):
+    assert result.exit_code == 1, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error:") and needle in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["hi", "--target", "no-such-preset"], "model not found: no-such-preset"),
+    (["hi", "--target", "/no/such/folder"], "model not found: /no/such/folder"),
+    (["hi", "--draft", "/no/such/draft"], "model not found: /no/such/draft"),
+    (["   "], "the prompt is empty"),
+    (["hi", "--budget", "0"], "--budget must be at least 1"),
+    (["hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["hi", "--temperature", "-1"], "--temperature must be 0 or more"),
+    (["hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+])
+def test_bad_input_is_one_line(args, needle):
+    assert_one_line_error(invoke(*args), needle)
+
+
+def test_prompt_longer_than_the_context():
+    assert_one_line_error(invoke("hello " * 9000, "--raw"), "the model's context is 8192")
+
+
+def test_draft_with_another_tokenizer_is_refused(source, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(source.path)
+    tok.save_pretrained(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = "hello", "world"  # swap two ids: same size, different meaning
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    assert_one_line_error(invoke("hi", "--draft", str(tmp_path)), "tokenizers differ")
+
+
+def test_corrupt_weight_file(source, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(source.path, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: 1 << 20])  # truncated
+    assert_one_line_error(invoke("hi", "--target", str(bad)), "cannot load model")
+
+
+def test_run_stats_json(tmp_path):
+    path = tmp_path / "stats.json"
+    result = invoke("What is 2+2?", "--max-new-tokens", "12", "--stats", "--stats-json", str(path))
+    assert result.exit_code == 0, result.output
+    stats = json.loads(path.read_text())
+    for key in ("new_tokens", "target_passes", "accepted_per_pass", "tokens_per_s", "draft_s",
+                "target_s"):
+        assert key in stats
+    assert 1 <= stats["new_tokens"] <= 12
+    assert stats["accepted_per_pass"] == pytest.approx(stats["new_tokens"] / stats["target_passes"])
+    assert "tok/s" in result.stderr and "accepted/pass" in result.stderr
+    assert result.stdout.strip()
+
+
+def test_raw_greedy_stdout_is_exactly_the_continuation(model, tokenizer):
+    prompt = "The three primary colors are"
+    proc = subprocess.run([sys.executable, "-m", "specexec_app.cli", "run", prompt, "--raw",
+                           "--temperature", "0", "--max-new-tokens", "24", "--budget", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ids = tokenizer(prompt).input_ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    new = out[0, len(ids):].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    assert proc.stdout == tokenizer.decode(new, skip_special_tokens=True)

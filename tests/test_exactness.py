@@ -1,0 +1,141 @@
+"""The product's promise on the real default model: greedy output is the target's own greedy
+output token for token, and sampled output follows the target's distribution."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from drafts import ModelDrafter, NgramDrafter
+from specexec_app import engine
+from specexec_app.lm import Target
+from specexec_app.models import stop_ids, truncated_copy
+from specexec_app.sampling import Sampler
+from specexec_app.settings import DecodeSettings
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "Repeat after me: red green blue, red green blue, red green blue.",
+    "Write a Python function that returns the sum of a list of numbers.",
+]
+NEW = 40
+_refs: dict = {}
+
+
+def reference(model, ids: list[int], stops: set[int]) -> list[int]:
+    key = tuple(ids)
+    if key not in _refs:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=NEW, do_sample=False)[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(out) if t in stops), len(out))
+        _refs[key] = out[:cut]
+    return _refs[key]
+
+
+def run(model, drafter, ids, stops, tokenizer, **settings) -> engine.Done:
+    events = list(engine.generate(Target(model), drafter, ids,
+                                  DecodeSettings(**({"max_new_tokens": NEW} | settings)),
+                                  tokenizer, stops))
+    assert isinstance(events[-1], engine.Done)
+    return events[-1]
+
+
+def assert_same_greedy(model, ids, got, ref):
+    """Equal token for token; a divergence is allowed only where the target's two best logits
+    are within numerical noise (1e-4 in fp32), and then nothing after it is compared."""
+    for j in range(max(len(got), len(ref))):
+        a = got[j] if j < len(got) else None
+        b = ref[j] if j < len(ref) else None
+        if a != b:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids + ref[:j]])).logits[0, -1].float()
+            top = logits.topk(2).values
+            gap = float(top[0] - top[1])
+            assert gap < 1e-4, f"diverged at token {j}: got {a}, target {b}, logit gap {gap:.2e}"
+            return
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("budget", [1, 4, 16, 64, 256])
+def test_greedy_ngram_equals_target_greedy(model, tokenizer, chat_ids, prompt, budget):
+    ids, stops = chat_ids(prompt), stop_ids(tokenizer, model)
+    done = run(model, NgramDrafter(), ids, stops, tokenizer, budget=budget)
+    assert_same_greedy(model, ids, done.token_ids, reference(model, ids, stops))
+    assert done.stats.new_tokens == len(done.token_ids)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+@pytest.mark.parametrize("budget", [1, 8, 64])
+def test_greedy_with_a_perfect_draft_accepts_deep_paths(model, tokenizer, chat_ids, prompt, budget):
+    """The target as its own draft: long accepted paths exercise every commit."""
+    ids, stops = chat_ids(prompt), stop_ids(tokenizer, model)
+    drafter = ModelDrafter(model, model.config.vocab_size, top_k=4, max_depth=8,
+                           stop_ids=frozenset(stops))
+    done = run(model, drafter, ids, stops, tokenizer, budget=budget)
+    assert_same_greedy(model, ids, done.token_ids, reference(model, ids, stops))
+    if budget >= 8:
+        assert done.stats.accepted_per_pass > 3
+
+
+@pytest.fixture(scope="module")
+def weak_draft(model):
+    return truncated_copy(model, 3)
+
+
+@pytest.mark.parametrize("budget", [4, 16])
+def test_greedy_with_a_weak_draft(model, weak_draft, tokenizer, chat_ids, budget):
+    ids, stops = chat_ids(PROMPTS[0]), stop_ids(tokenizer, model)
+    drafter = ModelDrafter(weak_draft, model.config.vocab_size, stop_ids=frozenset(stops))
+    done = run(model, drafter, ids, stops, tokenizer, budget=budget)
+    assert_same_greedy(model, ids, done.token_ids, reference(model, ids, stops))
+
+
+def test_greedy_raw_continuation(model, tokenizer):
+    ids = tokenizer("def fib(n):\n    if n < 2:\n        return n\n    return").input_ids
+    stops = stop_ids(tokenizer, model)
+    done = run(model, NgramDrafter(), ids, stops, tokenizer, budget=16)
+    assert_same_greedy(model, ids, done.token_ids, reference(model, ids, stops))
+
+
+def test_sampling_follows_the_target_distribution(model, tokenizer):
+    """Chi-square of the first two sampled tokens against p(t1) * p(t2 | t1) of the target,
+    with the target as draft so that t2 is usually drawn at a tree node."""
+    ids = tokenizer("My favourite animal is the").input_ids
+    stops = stop_ids(tokenizer, model)
+    sampler = Sampler(temperature=1.0, top_p=0.9)
+    with torch.no_grad():
+        p1 = sampler.probs(model(torch.tensor([ids])).logits[0, -1])
+        firsts = [int(t) for t in torch.nonzero(p1 > 0.005).flatten()]
+        seqs = torch.tensor([ids + [t] for t in firsts])
+        p2 = sampler.probs(model(seqs).logits[:, -1])
+    expected = {(a, b): float(p1[a] * p2[i, b])
+                for i, a in enumerate(firsts) for b in torch.nonzero(p2[i] > 0.005).flatten().tolist()}
+
+    drafter = ModelDrafter(model, model.config.vocab_size, top_k=8, max_depth=1)
+    target = Target(model)
+    n, counts, from_tree = 300, {}, 0
+    for seed in range(n):
+        events = list(engine.generate(target, drafter, ids,
+                                      DecodeSettings(budget=8, temperature=1.0, top_p=0.9,
+                                                     max_new_tokens=2, seed=seed),
+                                      tokenizer, stops))
+        done = events[-1]
+        pair = tuple(done.token_ids)
+        from_tree += done.stats.target_passes == 1 and len(pair) == 2
+        key = pair if pair in expected else "other"
+        counts[key] = counts.get(key, 0) + 1
+    big = [k for k, p in expected.items() if p * n >= 5]
+    observed = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    exp = [expected[k] * n for k in big] + [n * (1 - sum(expected[k] for k in big))]
+    assert len(big) >= 4
+    assert from_tree > n // 4  # many second tokens were drawn at a tree node in the same pass
+    assert chisquare(observed, exp).pvalue > 1e-3
+
+
+def test_seed_repeats_sampled_output(model, tokenizer, chat_ids):
+    ids, stops = chat_ids(PROMPTS[0]), stop_ids(tokenizer, model)
+    outs = [run(model, NgramDrafter(), ids, stops, tokenizer, budget=8, temperature=1.0,
+                max_new_tokens=24, seed=seed).token_ids for seed in (7, 7, 8)]
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
