@@ -40,7 +40,9 @@ def format_stats(stats) -> str:
     return (f"{stats.new_tokens} tokens in {stats.wall_s:.2f} s, {stats.tokens_per_s:.2f} tok/s | "
             f"{stats.accepted_per_pass:.2f} accepted/pass over {stats.target_passes} passes "
             f"({stats.pass_s * 1000:.0f} ms/pass) | draft {stats.draft_s:.2f} s, "
-            f"target {stats.target_s:.2f} s | stop: {stats.stop_reason}")
+            f"target {stats.target_s:.2f} s"
+            + (f" | streamed {stats.streamed_gb_per_s:.1f} GB/s" if stats.streamed_bytes else "")
+            + f" | stop: {stats.stop_reason}")
 
 
 Target = Annotated[str, typer.Option("--target", "-t", help="Preset name (see configs/presets.toml), model folder, .gguf file, or repo id in the local HF cache.")]
@@ -63,12 +65,15 @@ def run(
     stats: Annotated[bool, typer.Option(help="Print a stats line on stderr.")] = False,
     stats_json: Annotated[Optional[Path], typer.Option(help="Write the run's stats as JSON to this file.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    offload: Annotated[str, typer.Option(help="auto: stream the target's layers only if it does not fit the GPU; always: stream (even on CPU); never.")] = "auto",
+    quant: Annotated[int, typer.Option(help="Target weights: 16, 8 (int8) or 4 (NF4) bits.")] = 16,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the target may use, e.g. 24GiB (default: what is free).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the checkpoint (off unless asked).")] = False,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
     from .engine import Done, Text
     from .session import build
-    from .settings import DecodeSettings
+    from .settings import DecodeSettings, parse_size
 
     with friendly_errors():
         if prompt == "-":
@@ -79,7 +84,12 @@ def run(
                                   max_new_tokens=max_new_tokens, seed=seed)
         with err.status("loading models...", spinner="dots") as status:
             pipe = build(target, draft, device, trust_remote_code,
-                         status=lambda msg: status.update(msg + "..."))
+                         status=lambda msg: status.update(msg + "..."), offload=offload,
+                         quant=quant, gpu_memory=parse_size(gpu_memory) if gpu_memory else None)
+        if pipe.target.placement is not None:
+            from offload.model import describe
+
+            err.print(f"target: {describe(pipe.target.placement)}", soft_wrap=True)
         settings.budget = budget if budget is not None else pipe.default_budget
         ids = pipe.encode(prompt, raw=raw, system=system)
         done = None

@@ -33,6 +33,7 @@ class Pass:
     accepted: int  # tokens emitted by this pass (accepted tree nodes + the one drawn after them)
     draft_s: float
     target_s: float
+    streamed_bytes: int = 0
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Stats:
     target_s: float = 0.0
     wall_s: float = 0.0
     tree_nodes: int = 0
+    streamed_bytes: int = 0
     stop_reason: str = ""
 
     @property
@@ -58,15 +60,20 @@ class Stats:
     def pass_s(self) -> float:
         return self.target_s / self.target_passes if self.target_passes else 0.0
 
+    @property
+    def streamed_gb_per_s(self) -> float:
+        """Weight bytes streamed to the device per second of target time."""
+        return self.streamed_bytes / self.target_s / 1e9 if self.target_s > 0 else 0.0
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(accepted_per_pass=self.accepted_per_pass, tokens_per_s=self.tokens_per_s,
-                 pass_s=self.pass_s)
+                 pass_s=self.pass_s, streamed_gb_per_s=self.streamed_gb_per_s)
         return d
 
     def add(self, other: Stats) -> None:
         for name in ("prompt_tokens", "new_tokens", "target_passes", "draft_s", "target_s",
-                     "wall_s", "tree_nodes"):
+                     "wall_s", "tree_nodes", "streamed_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -133,6 +140,7 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
         tree = tree.within_depth(min(room_new, room_ctx) - 1)
         _sync(target.device)
         t1 = time.perf_counter()
+        streamed = target.bytes_streamed
         logits = target.verify(tokens, tree)
         path, drawn = accept(tree, logits, sample)
         target.commit(tree, path)
@@ -145,7 +153,10 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
         stats.tree_nodes += len(tree)
         stats.draft_s += t1 - t0
         stats.target_s += t2 - t1
-        yield Pass(tree_size=len(tree), accepted=len(out), draft_s=t1 - t0, target_s=t2 - t1)
+        streamed = target.bytes_streamed - streamed
+        stats.streamed_bytes += streamed
+        yield Pass(tree_size=len(tree), accepted=len(out), draft_s=t1 - t0, target_s=t2 - t1,
+                   streamed_bytes=streamed)
         if out:
             yield Text(detok.push(out), out)
     stats.new_tokens = len(new)

@@ -39,6 +39,13 @@ class Target:
         self.kv = TokenCache()
         self._pending: list[int] = []
         self.device = model_device(model)
+        self.streamer = getattr(model, "_specexec_streamer", None)  # set by offload.offload_model
+        self.placement = getattr(model, "_specexec_placement", None)
+
+    @property
+    def bytes_streamed(self) -> int:
+        """Weight bytes copied to the device so far (0 for a resident model)."""
+        return self.streamer.bytes_streamed if self.streamer else 0
 
     @property
     def context_length(self) -> int:

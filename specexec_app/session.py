@@ -58,8 +58,27 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def _place_target(model, dev: torch.device, offload: str, quant: int, gpu_memory: int | None,
+                  status: Status):
+    """Keep the target resident where it fits, else stream its decoder layers (offload/)."""
+    from offload import offload_model, plan_placement
+    from offload.model import describe
+
+    reserve = 2**30 if dev.type == "cuda" else 0  # draft, KV caches, tree activations
+    try:
+        placement = plan_placement(model, dev, quant, offload, gpu_memory, reserve)
+    except MemoryError as e:
+        raise UserError(str(e)) from e
+    if placement.streamed_layers == 0 and quant == 16:
+        return model.to(dev)
+    status(f"placing the target: {describe(placement)}")
+    offload_model(model, dev, placement)
+    return model
+
+
 def build(target: str = "default", draft: str | None = None, device: str = "auto",
-          trust_remote_code: bool = False, status: Status = _quiet) -> Pipeline:
+          trust_remote_code: bool = False, status: Status = _quiet, offload: str = "auto",
+          quant: int = 16, gpu_memory: int | None = None) -> Pipeline:
     budget = 32
     preset = get_preset(target)
     if preset:
@@ -74,9 +93,19 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
     src = resolve(target, status)
     status(f"loading {target}")
     tokenizer = load_tokenizer(src, trust_remote_code)
-    model = load_model(src, dev, trust_remote_code=trust_remote_code)
+    # A target that may be offloaded is loaded into host RAM first, then placed.
+    host = torch.device("cpu") if offload != "never" or quant != 16 else dev
+    model = load_model(src, host, dtype=None if dev.type == "cpu" else torch.bfloat16,
+                       trust_remote_code=trust_remote_code)
     stops = stop_ids(tokenizer, model)
     vocab = min(len(tokenizer), model.config.vocab_size)
+
+    if offload not in ("auto", "always", "never"):
+        raise UserError(f"--offload must be auto, always or never (got {offload})")
+    if quant not in (16, 8, 4):
+        raise UserError(f"--quant must be 16, 8 or 4 (got {quant})")
+    if quant != 16 or offload != "never":
+        model = _place_target(model, dev, offload, quant, gpu_memory, status)
 
     if draft == "ngram":
         drafter: Drafter = NgramDrafter()

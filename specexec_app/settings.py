@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -24,3 +25,16 @@ class DecodeSettings:
             raise UserError(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '12 GB', '512MiB', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"cannot read the size {text!r}; write it like 24GiB or 12GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

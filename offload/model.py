@@ -1,0 +1,144 @@
+"""Turning a Hugging Face causal LM into an offloaded target: resident and streamed layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .store import pack_layer, roundtrip
+from .streamer import LayerStreamer
+
+
+@dataclass(frozen=True)
+class Placement:
+    resident_layers: int
+    streamed_layers: int
+    quant: int
+    layer_bytes: int        # one layer in 16-bit, as it sits on the device when resident
+    packed_layer_bytes: int  # one layer as it crosses the bus
+    fixed_bytes: int        # embeddings, final norm, LM head
+    budget_bytes: int | None
+
+
+class StreamedLayer(nn.Module):
+    """Stands in for a decoder layer whose weights live in the streamer: runs the original layer
+    module (weights on the meta device) with the streamed tensors, through functional_call."""
+
+    def __init__(self, template: nn.Module, index: int, streamer: LayerStreamer):
+        super().__init__()
+        self.template = template
+        self.index = index
+        self._streamer = [streamer]  # a list, so nn.Module does not register it
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("template"), name)
+
+    def forward(self, *args, **kwargs):
+        streamer = self._streamer[0]
+        params = streamer.acquire(self.index)
+        try:
+            return functional_call(self.template, params, args, kwargs)
+        finally:
+            streamer.release(self.index)
+
+
+def _layers(model) -> nn.ModuleList:
+    return model.model.layers
+
+
+def _bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    return sum(p.numel() for p in module.parameters()) * torch.finfo(dtype).bits // 8
+
+
+def _packed_bytes(layer: nn.Module, quant: int, dtype: torch.dtype) -> int:
+    if quant == 16:
+        return _bytes(layer, dtype)
+    total = 0
+    for name, p in layer.named_parameters():
+        if p.dim() == 2 and name.endswith("weight"):
+            total += p.numel() // 2 + p.numel() // 64 * 4 if quant == 4 else p.numel() + p.shape[0] * 4
+        else:
+            total += p.numel() * torch.finfo(dtype).bits // 8
+    return total
+
+
+def plan_placement(model, device: torch.device, quant: int = 16, offload: str = "auto",
+                   gpu_memory: int | None = None, reserve: int = 0, n_buffers: int = 2,
+                   dtype: torch.dtype | None = None) -> Placement:
+    """How many decoder layers stay resident within `gpu_memory` (default: the device's free
+    memory), after the embeddings, norm and head, `reserve` bytes (draft model, KV caches, tree
+    activations) and the streaming buffers."""
+    dtype = dtype or model.dtype
+    layers = _layers(model)
+    n = len(layers)
+    layer_bytes = _bytes(layers[0], dtype)
+    packed = _packed_bytes(layers[0], quant, dtype)
+    fixed = _bytes(model, dtype) - layer_bytes * n
+    if gpu_memory is None and device.type == "cuda":
+        gpu_memory = torch.cuda.mem_get_info(device)[0]
+    if offload == "never":
+        resident = n
+    elif gpu_memory is None:  # CPU compute: nothing to save unless streaming is forced
+        resident = 0 if offload == "always" else n
+    else:
+        room = gpu_memory - fixed - reserve - n_buffers * packed
+        if room < 0:
+            need = (fixed + reserve + n_buffers * packed) / 2**30
+            raise MemoryError(f"the GPU memory budget ({gpu_memory / 2**30:.1f} GiB) is below the "
+                              f"{need:.1f} GiB that embeddings, head, buffers and reserve need")
+        resident = n if fixed + reserve + n * layer_bytes <= gpu_memory else min(n, room // layer_bytes)
+        if offload == "always":
+            resident = min(resident, n - 1)
+    resident = max(0, min(n, int(resident)))
+    return Placement(resident, n - resident, quant, layer_bytes, packed, fixed, gpu_memory)
+
+
+def offload_model(model, device: torch.device, placement: Placement,
+                  dtype: torch.dtype | None = None, n_buffers: int = 2):
+    """Rebuild `model` (loaded on the CPU) in place: the first `placement.resident_layers` decoder
+    layers and everything outside them move to `device`; the rest are packed into host buffers
+    and streamed. With quantization, resident layers get the same decoded weights, so the whole
+    model computes one function. Returns the streamer (None when nothing streams)."""
+    dtype = dtype or model.dtype
+    layers = _layers(model)
+    first = placement.resident_layers
+    packed = []
+    for i in range(first, len(layers)):
+        packed.append(pack_layer(layers[i], placement.quant, dtype, pin=device.type == "cuda"))
+        for module in layers[i].modules():  # free the host copy as we go: the model is never held twice
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                            requires_grad=False)
+    for i in range(first):
+        if placement.quant < 16:
+            roundtrip(layers[i], placement.quant, dtype)
+    streamer = LayerStreamer(packed, device, n_buffers) if packed else None
+    for k, i in enumerate(range(first, len(layers))):
+        layers[i] = StreamedLayer(layers[i], k, streamer)
+    # Everything else (embeddings, norm, head, rotary tables, resident layers) to the device.
+    for name, module in model.named_modules():
+        if isinstance(module, StreamedLayer):
+            continue
+        for pname, p in list(module._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                module._parameters[pname] = nn.Parameter(p.data.to(device, dtype), requires_grad=False)
+        for bname, b in list(module._buffers.items()):
+            if b is not None and b.device.type != "meta":
+                module._buffers[bname] = b.to(device)
+    model._specexec_streamer = streamer
+    model._specexec_placement = placement
+    return streamer
+
+
+def describe(p: Placement) -> str:
+    gib = 2**30
+    budget = f"{p.budget_bytes / gib:.1f} GiB budget, " if p.budget_bytes else ""
+    return (f"{p.resident_layers} resident + {p.streamed_layers} streamed layers, {p.quant}-bit "
+            f"({budget}{p.packed_layer_bytes / gib * 1024:.0f} MiB per streamed layer)")

@@ -1,0 +1,116 @@
+"""Weights of one decoder layer as a single contiguous host buffer, in 16, 8 or 4 bits.
+
+Quantized weights stay packed in the buffer (what crosses the bus) and are dequantized on the
+compute device: 8-bit as int8 with a float32 scale per output row, 4-bit as bitsandbytes NF4
+(blocks of 64 with a float32 absmax each), so 4-bit moves about a quarter of the 16-bit bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+NF4_BLOCK = 64
+_ALIGN = 64  # bytes; keeps every view aligned for vectorized loads and DMA
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of the layer, as `kind` ("raw", "int8" or "nf4") parts at byte offsets."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype             # dtype of the dequantized tensor
+    kind: str
+    parts: tuple[tuple[int, int, torch.dtype, tuple[int, ...]], ...]  # (offset, nbytes, dtype, shape)
+
+
+@dataclass
+class PackedLayer:
+    buffer: torch.Tensor           # [nbytes] uint8, pinned when a CUDA device will read it
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+
+def _parts(t: torch.Tensor, quant: int, name: str) -> tuple[str, list[torch.Tensor]]:
+    is_matrix = t.dim() == 2 and name.endswith("weight")
+    if quant == 8 and is_matrix:
+        scale = t.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0  # [out, 1]
+        q = torch.round(t.float() / scale).clamp_(-127, 127).to(torch.int8)
+        return "int8", [q, scale]
+    if quant == 4 and is_matrix and t.numel() % NF4_BLOCK == 0:
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(t.float().contiguous(), blocksize=NF4_BLOCK,
+                                           quant_type="nf4")
+        return "nf4", [packed.flatten(), state.absmax.float()]
+    return "raw", [t]
+
+
+def pack_layer(layer: nn.Module, quant: int = 16, dtype: torch.dtype = torch.float16,
+               pin: bool = False) -> PackedLayer:
+    """Pack every parameter of `layer` (cast to `dtype`, then quantized if `quant` < 16)."""
+    if quant not in (16, 8, 4):
+        raise ValueError(f"quant must be 16, 8 or 4, not {quant}")
+    plan, offset = [], 0
+    for name, p in layer.named_parameters():
+        kind, parts = _parts(p.detach().to(dtype), quant, name)
+        placed = []
+        for part in parts:
+            part = part.contiguous()
+            nbytes = part.numel() * part.element_size()
+            placed.append((offset, nbytes, part.dtype, tuple(part.shape), part))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        plan.append((name, tuple(p.shape), kind, placed))
+    buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=pin)
+    entries = []
+    for name, shape, kind, placed in plan:
+        for off, nbytes, _, _, part in placed:
+            buffer[off:off + nbytes].copy_(part.reshape(-1).view(torch.uint8))
+        entries.append(Entry(name, shape, dtype, kind,
+                             tuple((off, nb, dt, sh) for off, nb, dt, sh, _ in placed)))
+    return PackedLayer(buffer, entries)
+
+
+def _view(buffer: torch.Tensor, part) -> torch.Tensor:
+    off, nbytes, dtype, shape = part
+    return buffer[off:off + nbytes].view(dtype).view(shape)
+
+
+def unpack(entries: list[Entry], buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The layer's parameters from a buffer laid out like `entries` (host or device): raw tensors
+    are views; quantized ones are dequantized on the buffer's device."""
+    out = {}
+    for e in entries:
+        parts = [_view(buffer, p) for p in e.parts]
+        if e.kind == "raw":
+            out[e.name] = parts[0]
+        elif e.kind == "int8":
+            q, scale = parts
+            out[e.name] = (q.to(e.dtype) * scale.to(e.dtype))
+        else:
+            out[e.name] = dequantize_nf4(parts[0], parts[1], e.shape, e.dtype)
+    return out
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), blocksize=NF4_BLOCK,
+                            code=bnbf.get_4bit_type("nf4", device=packed.device),
+                            quant_type="nf4", dtype=dtype)
+    return bnbf.dequantize_4bit(packed.view(-1, 1), state)
+
+
+def roundtrip(layer: nn.Module, quant: int, dtype: torch.dtype) -> None:
+    """Give `layer` the exact weights its packed form decodes to (resident layers then compute
+    the same function as streamed ones)."""
+    packed = pack_layer(layer, quant, dtype)
+    params = unpack(packed.entries, packed.buffer)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.data = params[name].clone()
