@@ -71,7 +71,7 @@ def run(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the checkpoint (off unless asked).")] = False,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
-    from .engine import Done, Text
+    from .engine import Done, Notice, Text
     from .session import build
     from .settings import DecodeSettings, parse_size
 
@@ -98,6 +98,8 @@ def run(
                 if isinstance(event, Text) and event.text:
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
+                elif isinstance(event, Notice):
+                    err.print(f"note: {event.message}", soft_wrap=True)
                 elif isinstance(event, Done):
                     done = event
         except KeyboardInterrupt:

@@ -37,6 +37,12 @@ class Pass:
 
 
 @dataclass
+class Notice:
+    """Something the user should know about this reply (e.g. a budget shrunk to fit memory)."""
+    message: str
+
+
+@dataclass
 class Stats:
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -132,16 +138,27 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
     new: list[int] = []
     start = time.perf_counter()
     reason = ""
+    budget = settings.budget
     while not reason:
         room_new, room_ctx = settings.max_new_tokens - len(new), context - len(tokens)
         t0 = time.perf_counter()
-        tree = drafter.propose(tokens, settings.budget)
+        tree = drafter.propose(tokens, budget)
         # Nodes past the room left would be wasted work, or positions outside the context.
         tree = tree.within_depth(min(room_new, room_ctx) - 1)
         _sync(target.device)
         t1 = time.perf_counter()
         streamed = target.bytes_streamed
-        logits = target.verify(tokens, tree)
+        try:
+            logits = target.verify(tokens, tree)
+        except torch.OutOfMemoryError:
+            if len(tree) == 0:
+                raise UserError("out of GPU memory even without a draft tree: lower --gpu-memory "
+                                "or use --quant 4") from None
+            if target.device.type == "cuda":
+                torch.cuda.empty_cache()
+            budget = max(1, min(budget, len(tree)) // 2)
+            yield Notice(f"out of GPU memory with a {len(tree)}-node tree: retrying with budget {budget}")
+            continue
         path, drawn = accept(tree, logits, sample)
         target.commit(tree, path)
         _sync(target.device)

@@ -79,6 +79,10 @@ def _place_target(model, dev: torch.device, offload: str, quant: int, gpu_memory
 def build(target: str = "default", draft: str | None = None, device: str = "auto",
           trust_remote_code: bool = False, status: Status = _quiet, offload: str = "auto",
           quant: int = 16, gpu_memory: int | None = None) -> Pipeline:
+    if offload not in ("auto", "always", "never"):
+        raise UserError(f"--offload must be auto, always or never (got {offload})")
+    if quant not in (16, 8, 4):
+        raise UserError(f"--quant must be 16, 8 or 4 (got {quant})")
     budget = 32
     preset = get_preset(target)
     if preset:
@@ -100,10 +104,6 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
     stops = stop_ids(tokenizer, model)
     vocab = min(len(tokenizer), model.config.vocab_size)
 
-    if offload not in ("auto", "always", "never"):
-        raise UserError(f"--offload must be auto, always or never (got {offload})")
-    if quant not in (16, 8, 4):
-        raise UserError(f"--quant must be 16, 8 or 4 (got {quant})")
     if quant != 16 or offload != "never":
         model = _place_target(model, dev, offload, quant, gpu_memory, status)
 

@@ -95,3 +95,19 @@ def test_raw_greedy_stdout_is_exactly_the_continuation(model, tokenizer):
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id)]
     assert proc.stdout == tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_offloaded_4bit_run_reports_its_placement():
+    result = invoke("Say hello.", "--offload", "always", "--quant", "4", "--max-new-tokens", "8")
+    assert result.exit_code == 0, result.output
+    assert "0 resident + 30 streamed layers, 4-bit" in result.stderr
+    assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["hi", "--quant", "3"], "--quant must be 16, 8 or 4"),
+    (["hi", "--offload", "maybe"], "--offload must be auto, always or never"),
+    (["hi", "--gpu-memory", "lots"], "cannot read the size 'lots'"),
+])
+def test_bad_offload_options(args, needle):
+    assert_one_line_error(invoke(*args), needle)

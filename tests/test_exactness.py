@@ -139,3 +139,28 @@ def test_seed_repeats_sampled_output(model, tokenizer, chat_ids):
                 max_new_tokens=24, seed=seed).token_ids for seed in (7, 7, 8)]
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]
+
+
+class OutOfMemoryAbove(Target):
+    """A target on a device that runs out of memory for trees above `limit` nodes (we have no GPU
+    in CI, so the device's refusal is simulated; the recovery is real)."""
+
+    def __init__(self, model, limit):
+        super().__init__(model)
+        self.limit = limit
+
+    def verify(self, tokens, tree):
+        if len(tree) > self.limit:
+            self.kv.sync(tokens)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().verify(tokens, tree)
+
+
+def test_out_of_memory_shrinks_the_budget_and_stays_exact(model, tokenizer, chat_ids):
+    ids, stops = chat_ids(PROMPTS[2]), stop_ids(tokenizer, model)
+    events = list(engine.generate(OutOfMemoryAbove(model, 3), NgramDrafter(), ids,
+                                  DecodeSettings(budget=64, max_new_tokens=NEW), tokenizer, stops))
+    notices = [e for e in events if isinstance(e, engine.Notice)]
+    assert notices and "retrying with budget" in notices[0].message
+    assert all(e.tree_size <= 3 for e in events if isinstance(e, engine.Pass))
+    assert_same_greedy(model, ids, events[-1].token_ids, reference(model, ids, stops))
