@@ -1,0 +1,161 @@
+"""Streaming speed of the offloaded target against accelerate's CPU offload, on real shapes.
+
+Builds random-weight decoder stacks with the shapes of real models (no hub), keeps every decoder
+layer in host RAM, and times, in one run: the pinned and pageable host-to-device peaks; one pass
+of our streamed target (16-bit and 4-bit) for tree sizes 1..4096; the same layers through
+accelerate's `dispatch_model` CPU offload. A model with fewer layers than the real one is timed
+and the per-layer figures are scaled to the real depth (said in the output).
+
+    python benchmarks/offload_bench.py --shape llama-2-70b --layers 8 --out bench-out
+    python benchmarks/offload_bench.py --shape tiny --device cpu      # a logic check on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from offload import offload_model, plan_placement
+from offload.model import describe
+from specexec_app.kvcache import TokenCache
+from specexec_app.lm import forward_tree
+from specexec_app.tree import Tree
+
+SHAPES = {  # hidden, intermediate, heads, kv heads, layers, vocab
+    "llama-2-70b": (8192, 28672, 64, 8, 80, 32000),
+    "llama-3-70b": (8192, 28672, 64, 8, 80, 128256),
+    "qwen2.5-32b": (5120, 27648, 40, 8, 64, 152064),
+    "tiny": (256, 768, 4, 2, 8, 1024),
+}
+
+
+def build(shape: str, layers: int, dtype: torch.dtype) -> tuple[LlamaForCausalLM, int]:
+    hidden, inter, heads, kv, real_layers, vocab = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                      num_key_value_heads=kv, num_hidden_layers=layers, vocab_size=vocab,
+                      max_position_embeddings=8192, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    return model, real_layers
+
+
+def h2d_peak(device, nbytes=1 << 30, pinned=True) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        dev.copy_(host, non_blocking=True)
+    end.record()
+    torch.cuda.synchronize()
+    return 5 * nbytes / (start.elapsed_time(end) / 1000) / 1e9
+
+
+def chain(n: int) -> Tree:
+    tree = Tree()
+    for i in range(n):
+        tree.add(100 + i % 500, i - 1, -float(i))
+    return tree
+
+
+def time_pass(model, n: int, device, repeats: int) -> float:
+    prompt = list(range(10, 42))
+    times = []
+    for _ in range(repeats + 1):
+        kv = TokenCache()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        forward_tree(model, kv, prompt, chain(n))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[len(times[1:]) // 2]  # median, first run is warm-up
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-2-70b", choices=SHAPES)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--sizes", default="1,64,256,1024,2048,4096")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-accelerate", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    sizes = [int(s) for s in args.sizes.split(",")]
+    result: dict = dict(shape=args.shape, layers_timed=args.layers, date=str(datetime.date.today()),
+                        machine=f"{platform.node()} {psutil.cpu_count()} cores "
+                                f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+                        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "none")
+    if device.type == "cuda":
+        result["h2d_pinned_GBps"] = h2d_peak(device, pinned=True)
+        result["h2d_pageable_GBps"] = h2d_peak(device, pinned=False)
+        print(f"host->device: pinned {result['h2d_pinned_GBps']:.1f} GB/s, pageable "
+              f"{result['h2d_pageable_GBps']:.1f} GB/s", flush=True)
+
+    for quant in (16, 4):
+        model, real_layers = build(args.shape, args.layers, dtype)
+        placement = plan_placement(model, device, quant, offload="always", gpu_memory=None, dtype=dtype)
+        placement = placement.__class__(**{**placement.__dict__, "resident_layers": 0,
+                                           "streamed_layers": args.layers})
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        streamer = offload_model(model, device, placement, dtype=dtype)
+        rows = []
+        for n in sizes:
+            before = streamer.bytes_streamed
+            s = time_pass(model, n, device, args.repeats)
+            per_pass_bytes = (streamer.bytes_streamed - before) / (args.repeats + 1)
+            per_layer = s / args.layers
+            row = dict(tree=n, pass_s_timed=s, layer_ms=per_layer * 1000,
+                       pass_s_full_depth=per_layer * real_layers,
+                       GBps=per_pass_bytes / s / 1e9 if device.type == "cuda" else None)
+            if "h2d_pinned_GBps" in result and row["GBps"]:
+                row["fraction_of_pinned_peak"] = row["GBps"] / result["h2d_pinned_GBps"]
+            rows.append(row)
+            print(f"ours {quant:>2}-bit tree {n:>5}: {per_layer * 1000:7.2f} ms/layer, "
+                  f"{per_layer * real_layers:6.2f} s/pass at {real_layers} layers"
+                  + (f", {row['GBps']:.1f} GB/s" if row["GBps"] else ""), flush=True)
+        result[f"ours_{quant}bit"] = dict(placement=describe(placement), rows=rows,
+                                          peak_gpu_bytes=torch.cuda.max_memory_allocated(device)
+                                          if device.type == "cuda" else None,
+                                          rss_bytes=psutil.Process().memory_info().rss)
+        del model, streamer
+
+    if not args.skip_accelerate and device.type == "cuda":
+        from accelerate import dispatch_model
+
+        model, real_layers = build(args.shape, args.layers, dtype)
+        device_map = {"model.embed_tokens": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+        device_map.update({f"model.layers.{i}": "cpu" for i in range(args.layers)})
+        model = dispatch_model(model, device_map=device_map)
+        rows = []
+        for n in [s for s in sizes if s <= 512] or sizes[:1]:
+            s = time_pass(model, n, device, args.repeats)
+            rows.append(dict(tree=n, layer_ms=s / args.layers * 1000,
+                             pass_s_full_depth=s / args.layers * real_layers))
+            print(f"accelerate tree {n:>5}: {s / args.layers * 1000:7.2f} ms/layer", flush=True)
+        result["accelerate_16bit"] = rows
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"offload_{args.shape}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
