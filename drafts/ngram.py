@@ -18,7 +18,9 @@ class NgramDrafter(Drafter):
 
     name = "ngram"
 
-    def __init__(self, max_ngram: int = 4, max_depth: int = 16, max_matches: int = 32):
+    def __init__(self, max_ngram: int = 4, max_depth: int = 16, max_matches: int = 32,
+                 min_ngram: int = 1):
+        self.min_ngram = min_ngram  # shorter matches are ignored: an empty tree costs the least
         self.max_ngram = max_ngram
         self.max_depth = max_depth
         self.max_matches = max_matches
@@ -27,7 +29,7 @@ class NgramDrafter(Drafter):
         seq = np.asarray(tokens, dtype=np.int64)
         trie: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
         tree = Tree()
-        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+        for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
             # Windows that end before the last token, so that each has a continuation.
             windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
             starts = np.flatnonzero((windows == seq[-n:]).all(axis=1))

@@ -51,7 +51,7 @@ class Target:
     def context_length(self) -> int:
         cfg = self.model.config
         limit = getattr(cfg, "max_position_embeddings", None) or 2048
-        window = getattr(cfg, "sliding_window", None)
+        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
         # Our tree mask is full attention: beyond a sliding window we would differ from the model.
         return min(limit, window) if window else limit
 

@@ -94,9 +94,13 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
         draft = draft_preset.draft
     dev = pick_device(device)
 
+    # Name errors and a tokenizer mismatch surface before any weights load.
     src = resolve(target, status)
+    dsrc = None if draft == "ngram" or draft in SELF_DRAFTS else resolve(draft, status)
     status(f"loading {target}")
     tokenizer = load_tokenizer(src, trust_remote_code)
+    if dsrc:
+        check_same_tokenizer(tokenizer, load_tokenizer(dsrc, trust_remote_code))
     # A target that may be offloaded is loaded into host RAM first, then placed.
     host = torch.device("cpu") if offload != "never" or quant != 16 else dev
     model = load_model(src, host, dtype=None if dev.type == "cpu" else torch.bfloat16,
@@ -108,15 +112,15 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
         model = _place_target(model, dev, offload, quant, gpu_memory, status)
 
     if draft == "ngram":
-        drafter: Drafter = NgramDrafter()
+        # On a CPU a pass carrying a tree costs ~1.4x a one-token pass (gemm against gemv), so
+        # only matches of 3+ tokens earn a tree there; on a GPU the pass is flat in tree size.
+        drafter: Drafter = NgramDrafter(min_ngram=3 if dev.type == "cpu" else 1)
     elif draft in SELF_DRAFTS:
         status(f"quantizing a {SELF_DRAFTS[draft]} copy of {target} as the draft")
         drafter = ModelDrafter(load_model(src, dev, quant=SELF_DRAFTS[draft]), vocab,
                                stop_ids=frozenset(stops))
     else:
-        dsrc = resolve(draft, status)
         status(f"loading draft {draft}")
-        check_same_tokenizer(tokenizer, load_tokenizer(dsrc, trust_remote_code))
         dmodel = load_model(dsrc, dev, trust_remote_code=trust_remote_code)
         drafter = ModelDrafter(dmodel, min(vocab, dmodel.config.vocab_size),
                                stop_ids=frozenset(stops))

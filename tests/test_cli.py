@@ -111,3 +111,33 @@ def test_offloaded_4bit_run_reports_its_placement():
 ])
 def test_bad_offload_options(args, needle):
     assert_one_line_error(invoke(*args), needle)
+
+
+def test_resolve_names_a_gguf_file_and_a_folder(source):
+    from specexec_app.models import resolve, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    src = resolve(str(gguf))
+    assert src.path == str(gguf.parent) and src.gguf_file == gguf.name
+    assert resolve(source.path).gguf_file is None
+
+
+def test_repo_id_from_the_local_hf_cache(source, tmp_path):
+    """`--target org/name` loads a model that sits in the local Hugging Face cache, offline."""
+    import os
+
+    repo = tmp_path / "hub" / "models--local--smollm2"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(source.path, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "specexec_app.cli", "run", "Hello", "--raw",
+                           "--target", "local/smollm2", "--max-new-tokens", "4"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "specexec_app.cli", "run", "Hello",
+                           "--target", "local/absent"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 1 and "model not found: local/absent" in proc.stderr

@@ -26,3 +26,10 @@ def test_ngram_budget_and_closure():
 def test_ngram_with_nothing_to_copy_proposes_nothing():
     assert len(NgramDrafter().propose([1, 2, 3, 4], budget=8)) == 0
     assert len(NgramDrafter().propose([5], budget=8)) == 0
+
+
+def test_min_ngram_ignores_short_matches():
+    tokens = [1, 2, 7, 5, 2, 7]          # the suffix "2 7" occurred once before, "5 2 7" never
+    assert NgramDrafter(min_ngram=2).propose(tokens, 8).tokens[:1] == [5]
+    assert len(NgramDrafter(min_ngram=3).propose(tokens, 8)) == 0
+    assert NgramDrafter(min_ngram=3).propose([5, 2, 7, 9] + [5, 2, 7], 8).tokens[:1] == [9]
