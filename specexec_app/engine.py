@@ -1,6 +1,7 @@
 """The SpecExec decode loop: grow a draft tree, verify it in one target pass, accept, commit.
 
-The engine yields events; it never prints. Callers render `Text`, and read `Pass` and `Done`.
+The engine yields events; it never prints. Callers render `Text` and `Notice`, and read `Pass`
+and `Done`.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ def _cut(tokens: list[int], stop_ids: set[int], room_new: int, room_ctx: int) ->
 
 
 def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: DecodeSettings,
-             tokenizer, stop_ids: set[int]) -> Iterator[Text | Pass | Done]:
-    """Exact speculative generation after `prompt_ids`; yields Text and Pass events, then Done."""
+             tokenizer, stop_ids: set[int]) -> Iterator[Text | Pass | Notice | Done]:
+    """Exact speculative generation after `prompt_ids`: Text, Pass and Notice events, then Done."""
     if not prompt_ids:
         raise UserError("the prompt is empty")
     context = target.context_length
