@@ -30,20 +30,20 @@ class LayerStreamer:
             self.copy_stream = torch.cuda.Stream(device)
             self.copied = [torch.cuda.Event() for _ in range(self.n_buffers)]
             self.freed = [torch.cuda.Event() for _ in range(self.n_buffers)]
-            self.in_flight: set[int] = set()
+            self.holds = [-1] * self.n_buffers  # the layer whose copy was issued into each buffer
 
     def _slot(self, i: int) -> int:
         return i % self.n_buffers
 
     def prefetch(self, i: int) -> None:
-        if not self.streaming or i >= len(self.layers) or i in self.in_flight:
+        if not self.streaming or i >= len(self.layers) or self.holds[self._slot(i)] == i:
             return
         s, host = self._slot(i), self.layers[i].buffer
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.freed[s])
             self.buffers[s][: host.numel()].copy_(host, non_blocking=True)
             self.copied[s].record(self.copy_stream)
-        self.in_flight.add(i)
+        self.holds[s] = i
         self.bytes_streamed += host.numel()
 
     def acquire(self, i: int) -> dict[str, torch.Tensor]:
@@ -62,7 +62,6 @@ class LayerStreamer:
         if not self.streaming:
             return
         self.freed[self._slot(i)].record(torch.cuda.current_stream(self.device))
-        self.in_flight.discard(i)
         if i == len(self.layers) - 1:  # the next pass starts from the first streamed layers
             for j in range(self.n_buffers):
                 self.prefetch(j)
