@@ -78,11 +78,6 @@ class Stats:
                  pass_s=self.pass_s, streamed_gb_per_s=self.streamed_gb_per_s)
         return d
 
-    def add(self, other: Stats) -> None:
-        for name in ("prompt_tokens", "new_tokens", "target_passes", "draft_s", "target_s",
-                     "wall_s", "tree_nodes", "streamed_bytes"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
 
 @dataclass
 class Done:
