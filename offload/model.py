@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -100,11 +101,13 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
 
 
 def offload_model(model, device: torch.device, placement: Placement,
-                  dtype: torch.dtype | None = None, n_buffers: int = 2):
+                  dtype: torch.dtype | None = None, n_buffers: int = 2,
+                  progress: Callable[[int, int], None] | None = None):
     """Rebuild `model` (loaded on the CPU) in place: the first `placement.resident_layers` decoder
     layers and everything outside them move to `device`; the rest are packed into host buffers
     and streamed. With quantization, resident layers get the same decoded weights, so the whole
-    model computes one function. Returns the streamer (None when nothing streams)."""
+    model computes one function. `progress(done, total)` is called per layer packed. Returns the
+    streamer (None when nothing streams)."""
     dtype = dtype or model.dtype
     layers = _layers(model)
     first = placement.resident_layers
@@ -116,6 +119,8 @@ def offload_model(model, device: torch.device, placement: Placement,
                 if p is not None:
                     module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
                                                             requires_grad=False)
+        if progress:
+            progress(i - first + 1, len(layers) - first)
     for i in range(first):
         if placement.quant < 16:
             roundtrip(layers[i], placement.quant, dtype)

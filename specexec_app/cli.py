@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -29,7 +30,7 @@ def friendly_errors():
     try:
         yield
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("\ninterrupted")
@@ -45,35 +46,94 @@ def format_stats(stats) -> str:
             + f" | stop: {stats.stop_reason}")
 
 
-Target = Annotated[str, typer.Option("--target", "-t", help="Preset name (see configs/presets.toml), model folder, .gguf file, or repo id in the local HF cache.")]
-Draft = Annotated[Optional[str], typer.Option("--draft", "-d", help="'ngram', 'self-int8', 'self-nf4', a preset (its draft), or a draft model like --target. Default: the preset's draft, else ngram.")]
-Budget = Annotated[Optional[int], typer.Option(help="Draft tree nodes verified per target pass (>= 1). Default: the preset's.")]
+Target = Annotated[Optional[str], typer.Option("--target", "-t", show_default=False, help="Preset name (specexec models), model folder, .gguf file, or repo id in the local HF cache. Default: the profile's target, else 'default'.")]
+Draft = Annotated[Optional[str], typer.Option("--draft", "-d", show_default=False, help="'ngram', 'self-int8', 'self-nf4', a preset (its draft), or a draft model named like --target. Default: the profile's, else the preset's, else ngram.")]
+Budget = Annotated[Optional[int], typer.Option(show_default=False, help="Draft tree nodes verified per target pass (>= 1). Default: the profile's, else the preset's.")]
+Temperature = Annotated[float, typer.Option(help="0 = greedy (exactly the target's greedy output).")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")]
+MaxNew = Annotated[int, typer.Option(help="Most tokens to generate per reply.")]
+Seed = Annotated[Optional[int], typer.Option(show_default=False, help="Seed for sampling; the same seed repeats the output. Default: none.")]
+System = Annotated[Optional[str], typer.Option(show_default=False, help="System prompt. Default: the chat template's own.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Offload = Annotated[Optional[str], typer.Option(show_default=False, help="auto: stream the target's layers only if it does not fit the GPU; always: stream (even on CPU); never. Default: the profile's, else auto.")]
+Quant = Annotated[Optional[int], typer.Option(show_default=False, help="Target weights: 16, 8 (int8) or 4 (NF4) bits. Default: the profile's, else 16.")]
+GpuMemory = Annotated[Optional[str], typer.Option(show_default=False, help="GPU memory the target may use, e.g. 24GiB. Default: the profile's, else what is free.")]
+DrafterDev = Annotated[Optional[str], typer.Option("--drafter", show_default=False, help="Where a draft model runs: auto (with the target), gpu or cpu. Default: the profile's, else auto.")]
+TrustRemote = Annotated[bool, typer.Option(help="Allow model code from the checkpoint (off unless asked).")]
+
+
+def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, device,
+                  trust_remote_code, console: Console = err):
+    """Options + saved profile -> a ready pipeline (spinner and layer progress on `console`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .profile import choose, load_profile
+    from .session import build
+    from .settings import parse_size
+
+    profile = load_profile()
+    opts = choose(target, draft, budget, quant, offload, gpu_memory, drafter, profile)
+    size = parse_size(opts.gpu_memory) if opts.gpu_memory else None
+    bar = Progress(TextColumn("packing streamed layers"), BarColumn(), MofNCompleteColumn(),
+                   console=console, transient=True)
+    task = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            status.stop()
+            bar.start()
+            task = bar.add_task("layers", total=total)
+        bar.update(task, completed=done)
+        if done == total:
+            bar.stop()
+            status.start()
+
+    with console.status("loading models...", spinner="dots") as status:
+        try:
+            pipe = build(opts.target, opts.draft, device, trust_remote_code,
+                         status=lambda msg: status.update(msg + "..."), offload=opts.offload,
+                         quant=opts.quant, gpu_memory=size, drafter_device=opts.drafter,
+                         progress=progress)
+        finally:
+            bar.stop()
+    if opts.budget is not None:
+        pipe.default_budget = opts.budget
+    return pipe, opts, profile
+
+
+def placement_text(pipe) -> str:
+    if pipe.target.placement is None:
+        return f"resident on {pipe.target.device}"
+    from offload.model import describe
+
+    return describe(pipe.target.placement)
 
 
 @app.command()
 def run(
     prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.")],
-    target: Target = "default",
+    target: Target = None,
     draft: Draft = None,
     budget: Budget = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (exactly the target's greedy output).")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling; the same seed repeats the output.")] = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    max_new_tokens: MaxNew = 256,
+    seed: Seed = None,
     raw: Annotated[bool, typer.Option(help="No chat template: continue PROMPT as plain text.")] = False,
-    system: Annotated[Optional[str], typer.Option(help="System prompt (chat mode).")] = None,
+    system: System = None,
     stats: Annotated[bool, typer.Option(help="Print a stats line on stderr.")] = False,
-    stats_json: Annotated[Optional[Path], typer.Option(help="Write the run's stats as JSON to this file.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    offload: Annotated[str, typer.Option(help="auto: stream the target's layers only if it does not fit the GPU; always: stream (even on CPU); never.")] = "auto",
-    quant: Annotated[int, typer.Option(help="Target weights: 16, 8 (int8) or 4 (NF4) bits.")] = 16,
-    gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the target may use, e.g. 24GiB (default: what is free).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the checkpoint (off unless asked).")] = False,
+    stats_json: Annotated[Optional[Path], typer.Option(show_default=False, help="Write the run's stats as JSON to this file.")] = None,
+    device: Device = "auto",
+    offload: Offload = None,
+    quant: Quant = None,
+    gpu_memory: GpuMemory = None,
+    drafter: DrafterDev = None,
+    trust_remote_code: TrustRemote = False,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
     from .engine import Done, Notice, Text
-    from .session import build
-    from .settings import DecodeSettings, parse_size
+    from .settings import DecodeSettings
 
     with friendly_errors():
         if prompt == "-":
@@ -82,15 +142,13 @@ def run(
             raise UserError("the prompt is empty")
         settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature, top_p=top_p,
                                   max_new_tokens=max_new_tokens, seed=seed)
-        with err.status("loading models...", spinner="dots") as status:
-            pipe = build(target, draft, device, trust_remote_code,
-                         status=lambda msg: status.update(msg + "..."), offload=offload,
-                         quant=quant, gpu_memory=parse_size(gpu_memory) if gpu_memory else None)
+        pipe, _, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter,
+                                         device, trust_remote_code)
         if pipe.target.placement is not None:
-            from offload.model import describe
-
-            err.print(f"target: {describe(pipe.target.placement)}", soft_wrap=True)
-        settings.budget = budget if budget is not None else pipe.default_budget
+            err.print(f"target: {placement_text(pipe)}", soft_wrap=True)
+        if profile is None and err.is_terminal:
+            err.print("[dim]tip: `specexec profile` tunes the budget and placement to this machine[/]")
+        settings.budget = pipe.default_budget
         ids = pipe.encode(prompt, raw=raw, system=system)
         done = None
         try:
@@ -115,6 +173,50 @@ def run(
                                            "budget": settings.budget,
                                            "temperature": settings.temperature}
             stats_json.write_text(json.dumps(data, indent=2) + "\n")
+
+
+@app.command()
+def chat(
+    target: Target = None,
+    draft: Draft = None,
+    budget: Budget = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    max_new_tokens: MaxNew = 512,
+    seed: Seed = None,
+    system: System = None,
+    footer: Annotated[bool, typer.Option(help="A one-line stats footer after each reply.")] = True,
+    history: Annotated[bool, typer.Option(help="Keep input history across sessions (arrow keys work either way).")] = True,
+    device: Device = "auto",
+    offload: Offload = None,
+    quant: Quant = None,
+    gpu_memory: GpuMemory = None,
+    drafter: DrafterDev = None,
+    trust_remote_code: TrustRemote = False,
+) -> None:
+    """Chat with the model in the terminal. /help lists the commands; Ctrl+C stops a reply."""
+    from .chat import ChatREPL, enable_history
+    from .settings import DecodeSettings
+
+    out = Console(highlight=False)
+    with friendly_errors():
+        settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature,
+                                  top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        pipe, opts, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory,
+                                            drafter, device, trust_remote_code, console=out)
+        settings.budget = pipe.default_budget
+        if history:
+            import platformdirs
+
+            enable_history(Path(platformdirs.user_state_dir("specexec")) / "chat_history")
+        placement = placement_text(pipe)
+        out.print(f"[bold]{pipe.target_name}[/] with draft [bold]{pipe.draft_name}[/], budget "
+                  f"{settings.budget}, {placement}"
+                  + (" (tuned by your profile)" if opts.from_profile else ""), soft_wrap=True)
+        if profile is None:
+            out.print("[dim]tip: `specexec profile` tunes the budget and placement to this machine[/]")
+        out.print("[dim]/help for commands, /exit or Ctrl+D to leave, Ctrl+C stops a reply[/]")
+        ChatREPL(pipe, settings, out, system=system, footer=footer, placement=placement).loop()
 
 
 def main() -> None:

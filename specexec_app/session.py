@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from .presets import get_preset
 from .settings import DecodeSettings
 
 SELF_DRAFTS = {"self-int8": "int8", "self-nf4": "nf4"}
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -59,7 +60,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def _place_target(model, dev: torch.device, offload: str, quant: int, gpu_memory: int | None,
-                  status: Status):
+                  status: Status, progress: Progress | None):
     """Keep the target resident where it fits, else stream its decoder layers (offload/)."""
     from offload import offload_model, plan_placement
     from offload.model import describe
@@ -72,13 +73,16 @@ def _place_target(model, dev: torch.device, offload: str, quant: int, gpu_memory
     if placement.streamed_layers == 0 and quant == 16:
         return model.to(dev)
     status(f"placing the target: {describe(placement)}")
-    offload_model(model, dev, placement)
+    offload_model(model, dev, placement, progress=progress)
     return model
 
 
 def build(target: str = "default", draft: str | None = None, device: str = "auto",
           trust_remote_code: bool = False, status: Status = _quiet, offload: str = "auto",
-          quant: int = 16, gpu_memory: int | None = None) -> Pipeline:
+          quant: int = 16, gpu_memory: int | None = None, drafter_device: str = "auto",
+          progress: Progress | None = None) -> Pipeline:
+    """The pipeline for a target and draft named by the user. `drafter_device` (auto, gpu, cpu)
+    places a draft model; `progress(done, total)` follows the packing of streamed layers."""
     if offload not in ("auto", "always", "never"):
         raise UserError(f"--offload must be auto, always or never (got {offload})")
     if quant not in (16, 8, 4):
@@ -93,6 +97,11 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
     if draft_preset:
         draft = draft_preset.draft
     dev = pick_device(device)
+    if drafter_device not in ("auto", "gpu", "cpu"):
+        raise UserError(f"--drafter must be auto, gpu or cpu (got {drafter_device})")
+    if drafter_device == "gpu" and dev.type != "cuda":
+        raise UserError("--drafter gpu: the target runs on the CPU here (no CUDA GPU in use)")
+    ddev = torch.device("cpu") if drafter_device == "cpu" else dev
 
     # Name errors and a tokenizer mismatch surface before any weights load.
     src = resolve(target, status)
@@ -109,7 +118,7 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
     vocab = min(len(tokenizer), model.config.vocab_size)
 
     if quant != 16 or offload != "never":
-        model = _place_target(model, dev, offload, quant, gpu_memory, status)
+        model = _place_target(model, dev, offload, quant, gpu_memory, status, progress)
 
     if draft == "ngram":
         # On a CPU a pass carrying a tree costs ~1.4x a one-token pass (gemm against gemv), so
@@ -117,11 +126,11 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
         drafter: Drafter = NgramDrafter(min_ngram=3 if dev.type == "cpu" else 1)
     elif draft in SELF_DRAFTS:
         status(f"quantizing a {SELF_DRAFTS[draft]} copy of {target} as the draft")
-        drafter = ModelDrafter(load_model(src, dev, quant=SELF_DRAFTS[draft]), vocab,
+        drafter = ModelDrafter(load_model(src, ddev, quant=SELF_DRAFTS[draft]), vocab,
                                stop_ids=frozenset(stops))
     else:
         status(f"loading draft {draft}")
-        dmodel = load_model(dsrc, dev, trust_remote_code=trust_remote_code)
+        dmodel = load_model(dsrc, ddev, trust_remote_code=trust_remote_code)
         drafter = ModelDrafter(dmodel, min(vocab, dmodel.config.vocab_size),
                                stop_ids=frozenset(stops))
     return Pipeline(Target(model, target), drafter, tokenizer, stops, target, draft, budget)

@@ -1,0 +1,149 @@
+"""`specexec chat` as a person uses it: through a pseudo terminal, and its pieces on the real model."""
+
+import io
+import json
+import os
+import re
+import shutil
+import sys
+
+import pytest
+from rich.console import Console
+
+from specexec_app.chat import ChatREPL, Conversation
+from specexec_app.errors import UserError
+from specexec_app.session import build
+from specexec_app.settings import DecodeSettings
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def specexec_bin() -> str:
+    return shutil.which("specexec") or os.path.join(os.path.dirname(sys.executable), "specexec")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build("default")
+
+
+def scripted(lines):
+    """An input source that types `lines` one by one, then Ctrl+D."""
+    it = iter(lines)
+
+    def read(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+    return read
+
+
+def repl(pipe, lines, **kw):
+    buf = io.StringIO()
+    console = Console(file=buf, width=200, force_terminal=False, highlight=False)
+    r = ChatREPL(pipe, DecodeSettings(budget=8, max_new_tokens=kw.pop("max_new_tokens", 24)),
+                 console, read=scripted(lines), **kw)
+    r.loop()
+    return r, buf.getvalue()
+
+
+def test_pty_session_question_command_interrupt_exit(tmp_path):
+    """A question, /stats, a long reply stopped by Ctrl+C, /save, then Ctrl+C at the prompt."""
+    env = dict(os.environ, COLUMNS="120", TERM="xterm")
+    child = pexpect.spawn(specexec_bin(), ["chat", "--max-new-tokens", "300", "--no-history"],
+                          env=env, encoding="utf-8", timeout=240, dimensions=(40, 120))
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")
+        child.expect(r"tok/s, [0-9.]+ accepted/pass")  # the footer
+        child.expect_exact(">>> ")
+        child.sendline("/stats")
+        child.expect(r"session \(1 replies\)")
+        child.expect_exact(">>> ")
+        child.sendline("Write a long story about a dragon who learns to paint, in ten paragraphs.")
+        child.expect_exact("paragraphs.\r\n")  # the echo of what was typed
+        child.expect(r"\w+ \w+ \w+ \w+")  # the reply has started
+        child.sendintr()
+        child.expect_exact("stopped; what was said is kept")
+        child.expect_exact(">>> ")
+        saved = tmp_path / "conv.json"
+        child.sendline(f"/save {saved}")
+        child.expect_exact("Saved 4 messages")
+        child.expect_exact(">>> ")
+        child.sendintr()  # Ctrl+C at the prompt leaves cleanly
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert "Paris" in messages[1]["content"]
+    assert messages[3]["content"].strip()  # the interrupted reply keeps what was said
+
+
+def test_multiline_set_and_turns_keep_the_conversation(pipe):
+    r, out = repl(pipe, ['"""', "Name a color.", "Just one word.", '"""', "/set budget 3",
+                         "/set max_tokens 12", "/set top_p 2", "/set colour red", "And another?"])
+    assert r.settings.budget == 3 and r.settings.max_new_tokens == 12
+    assert "top-p must be in (0, 1]" in out and "cannot set colour" in out
+    assert [t["role"] for t in r.conv.turns] == ["user", "assistant", "user", "assistant"]
+    assert r.conv.turns[0]["content"] == "Name a color.\nJust one word."
+    assert len(r.history) == 2
+
+
+def test_reply_equals_the_target_greedy_output(pipe, model, chat_ids, tokenizer):
+    """What the REPL shows and keeps is the target's own greedy continuation."""
+    import torch
+
+    r, _ = repl(pipe, ["What is the capital of France?"], max_new_tokens=20)
+    ids = torch.tensor([chat_ids("What is the capital of France?")])
+    ref = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
+    expected = tokenizer.decode(ref, skip_special_tokens=True)
+    assert r.conv.turns[1]["content"] == expected
+
+
+def test_context_full_offers_to_drop_the_oldest_turns(pipe):
+    cfg = pipe.target.model.config
+    old = cfg.max_position_embeddings
+    try:
+        turns = []
+        for i in range(4):
+            turns += [{"role": "user", "content": f"Tell me fact number {i} about the sea."},
+                      {"role": "assistant", "content": "The sea is large and deep. " * 6}]
+        conv_len = len(pipe.encode_chat(Conversation(turns=turns).messages("Thanks!")))
+        cfg.max_position_embeddings = conv_len + 20  # too little room for a 24-token reply
+        r = ChatREPL(pipe, DecodeSettings(budget=4, max_new_tokens=24),
+                     Console(file=io.StringIO(), width=200), read=scripted(["n", "y"]))
+        r.conv.turns = [dict(t) for t in turns]
+        assert r.fit_context("Thanks!") is None and len(r.conv.turns) == 8  # declined: unchanged
+        ids = r.fit_context("Thanks!")  # accepted: the oldest exchanges go
+        assert ids is not None and len(ids) + 24 <= cfg.max_position_embeddings
+        assert 0 < len(r.conv.turns) < 8 and r.conv.turns[0]["role"] == "user"
+        assert r.conv.turns[-1] == turns[-1]
+        cfg.max_position_embeddings = 30
+        with pytest.raises(UserError, match="does not fit the model's context"):
+            r.fit_context("Thanks! " * 40)
+    finally:
+        cfg.max_position_embeddings = old
+
+
+def test_failed_turn_and_bad_files_keep_the_session(pipe, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"messages": [{"role": "wizard", "content": "hi"}]}')
+    r, out = repl(pipe, ["/set max_tokens 8", "Hello!", f"/load {bad}", f"/load {tmp_path}/none.json",
+                         "/save /no/such/dir/x.json", "/nonsense", "/show"])
+    assert "message 0 needs a role" in out and "cannot read" in out and "cannot write" in out
+    assert "unknown command /nonsense" in out and "Traceback" not in out
+    assert len(r.conv.turns) == 2  # the conversation survived every error
+    assert re.search(r"conversation\s+2 messages", out)
+
+
+def test_save_load_roundtrip(tmp_path):
+    conv = Conversation(system="Be brief.", turns=[{"role": "user", "content": "hi [b]x[/b]"},
+                                                   {"role": "assistant", "content": "hello"}])
+    path = tmp_path / "c.json"
+    conv.save(path, {"target": "t"})
+    back = Conversation.load(path)
+    assert back == conv
