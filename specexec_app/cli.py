@@ -63,7 +63,7 @@ TrustRemote = Annotated[bool, typer.Option(help="Allow model code from the check
 
 
 def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, device,
-                  trust_remote_code, console: Console = err):
+                  trust_remote_code, console: Console = err, use_profile: bool = True):
     """Options + saved profile -> a ready pipeline (spinner and layer progress on `console`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -71,7 +71,7 @@ def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, de
     from .session import build
     from .settings import parse_size
 
-    profile = load_profile()
+    profile = load_profile() if use_profile else None
     opts = choose(target, draft, budget, quant, offload, gpu_memory, drafter, profile)
     size = parse_size(opts.gpu_memory) if opts.gpu_memory else None
     bar = Progress(TextColumn("packing streamed layers"), BarColumn(), MofNCompleteColumn(),
@@ -100,14 +100,6 @@ def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, de
     if opts.budget is not None:
         pipe.default_budget = opts.budget
     return pipe, opts, profile
-
-
-def placement_text(pipe) -> str:
-    if pipe.target.placement is None:
-        return f"resident on {pipe.target.device}"
-    from offload.model import describe
-
-    return describe(pipe.target.placement)
 
 
 @app.command()
@@ -145,7 +137,7 @@ def run(
         pipe, _, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter,
                                          device, trust_remote_code)
         if pipe.target.placement is not None:
-            err.print(f"target: {placement_text(pipe)}", soft_wrap=True)
+            err.print(f"target: {pipe.placement_text()}", soft_wrap=True)
         if profile is None and err.is_terminal:
             err.print("[dim]tip: `specexec profile` tunes the budget and placement to this machine[/]")
         settings.budget = pipe.default_budget
@@ -209,7 +201,7 @@ def chat(
             import platformdirs
 
             enable_history(Path(platformdirs.user_state_dir("specexec")) / "chat_history")
-        placement = placement_text(pipe)
+        placement = pipe.placement_text()
         out.print(f"[bold]{pipe.target_name}[/] with draft [bold]{pipe.draft_name}[/], budget "
                   f"{settings.budget}, {placement}"
                   + (" (tuned by your profile)" if opts.from_profile else ""), soft_wrap=True)
@@ -217,6 +209,112 @@ def chat(
             out.print("[dim]tip: `specexec profile` tunes the budget and placement to this machine[/]")
         out.print("[dim]/help for commands, /exit or Ctrl+D to leave, Ctrl+C stops a reply[/]")
         ChatREPL(pipe, settings, out, system=system, footer=footer, placement=placement).loop()
+
+
+@app.command()
+def profile(
+    target: Target = None,
+    draft: Draft = None,
+    device: Device = "auto",
+    gpu_memory: Annotated[Optional[str], typer.Option(show_default=False, help="Tune for this much GPU memory (e.g. 12GiB, to stand in for a consumer GPU). Default: what is free.")] = None,
+    quant: Annotated[Optional[int], typer.Option(show_default=False, help="Weights in 16, 8 or 4 bits. Default: the most precise that fits RAM.")] = None,
+    quick: Annotated[bool, typer.Option(help="Fewer prompts, budgets and tokens (a rough profile in seconds).")] = False,
+    show: Annotated[bool, typer.Option(help="Print the saved profile and exit.")] = False,
+    reset: Annotated[bool, typer.Option(help="Forget the saved profile and exit.")] = False,
+    trust_remote_code: TrustRemote = False,
+) -> None:
+    """Measure this machine, tune quantization, placement, drafter and budget, and save the result
+    for `run` and `chat`."""
+    from .profile import forget_profile, load_profile, profile_path, save_profile
+    from .tune import tune
+
+    out = Console(highlight=False)
+    with friendly_errors():
+        if reset:
+            gone = forget_profile()
+            out.print(f"Forgot {profile_path()}." if gone else "There is no saved profile.")
+            return
+        if show:
+            data = load_profile()
+            if data is None:
+                raise UserError(f"no saved profile at {profile_path()}; run `specexec profile`")
+            show_profile(out, data)
+            out.print(f"[dim]{profile_path()}[/]")
+            return
+        with out.status("profiling...", spinner="dots") as status:
+            data = tune(target, draft, device, gpu_memory, quant, quick, trust_remote_code,
+                        say=lambda msg: status.update(msg + "..."),
+                        load=lambda *a: load_pipeline(*a, console=out, use_profile=False))
+        show_profile(out, data)
+        path = save_profile(data)
+        out.print(f"Saved to {path}; `run` and `chat` use it unless options say otherwise.")
+
+
+def show_profile(out: Console, data: dict) -> None:
+    from rich.table import Table
+
+    m = data.get("machine", {})
+    t = Table(title="this machine", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [("CPU", f"{m.get('cpu', '?')}: {m.get('cpu_cores', '?')} cores, {m.get('cpu_threads', '?')} threads"),
+            ("RAM", f"{m.get('ram_total_gb', 0):.1f} GB, {m.get('ram_free_gb', 0):.1f} GB free, copies at {m.get('ram_copy_gb_s', 0):.1f} GB/s"),
+            ("GPU", m.get("gpu", "none") if m.get("gpu", "none") == "none" else
+             f"{m['gpu']}: {m['gpu_memory_gb']:.1f} GB, {m['gpu_free_gb']:.1f} GB free")]
+    if "h2d_pinned_gb_s" in m:
+        rows.append(("host to GPU", f"{m['h2d_pinned_gb_s']:.1f} GB/s pinned, {m['h2d_pageable_gb_s']:.1f} GB/s pageable"))
+    if "disk_read_gb_s" in m:
+        rows.append(("weights read", f"{m['disk_read_gb_s']:.2f} GB/s from {m['weights_folder']}"
+                     + ("" if m.get("disk_read_cold") else " (may include cached pages)")))
+    tg, dr = data.get("target", {}), data.get("draft", {})
+    rows.append(("target", f"{tg.get('name')}: {tg.get('parameters', 0) / 1e6:.0f}M parameters, {tg.get('placement')}"))
+    passes = tg.get("pass_ms", {})
+    rows.append(("pass time", ", ".join(f"{n} nodes {ms:.0f} ms" for n, ms in passes.items())))
+    speed = ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms" for k, v in dr.get("speed", {}).items()
+                      if isinstance(v, (int, float)))
+    rows.append(("draft", f"{dr.get('name')}: 64-node tree in {speed}"))
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+    c = Table(title="calibration (decode, Spec-Bench prompts)", title_justify="left")
+    for col in ("budget", "acc/pass", "tree", "pass ms", "draft ms", "other ms", "predicted tok/s"):
+        c.add_column(col, justify="right")
+    for r in data.get("calibration", []):
+        c.add_row(str(r["budget"]), f"{r.get('accepted_per_pass', 0):.2f}", f"{r.get('mean_tree', 0):.1f}",
+                  f"{r.get('pass_ms', 0):.1f}", f"{r.get('draft_ms', 0):.1f}",
+                  f"{r.get('overhead_ms', 0):.1f}", f"{r.get('tokens_per_s', 0):.2f}")
+    out.print(c)
+    ch = data.get("choice", {})
+    pred, meas = data.get("predicted_tokens_per_s", 0), data.get("measured_tokens_per_s", 0)
+    gap = (meas - pred) / pred * 100 if pred else 0
+    out.print(f"[bold]choice:[/] {ch.get('target')} + {ch.get('draft')}, {ch.get('quant')}-bit "
+              f"({tg.get('quant_reason', '')}), offload {ch.get('offload')}, drafter "
+              f"{ch.get('drafter')}, budget {ch.get('budget')}", soft_wrap=True)
+    if dr.get("placement_reason"):
+        out.print(f"[dim]drafter: {dr['placement_reason']}[/]", soft_wrap=True)
+    out.print(f"[bold]predicted[/] {pred:.2f} tok/s, [bold]measured[/] {meas:.2f} tok/s on other "
+              f"prompts ({gap:+.0f} %, {data.get('measured_accepted_per_pass', 0):.2f} accepted/pass)",
+              soft_wrap=True)
+
+
+@app.command()
+def models() -> None:
+    """The presets, where each one's weights are looked for, and whether they are present."""
+    from .models import locate
+    from .presets import PRESETS_FILE, load_presets
+
+    out = Console(highlight=False)
+    with friendly_errors():
+        out.print(f"[dim]presets from {PRESETS_FILE}[/]")
+        for p in load_presets().values():
+            where, ok = locate(p.target)
+            dwhere, dok = locate(p.draft) if p.draft not in ("ngram", "self-int8", "self-nf4") else ("no weights" if p.draft == "ngram" else "made from the target", True)
+            mark = "[green]present[/]" if ok and dok else "[yellow]missing[/]"
+            out.print(f"\n[bold]{p.name}[/]  {mark}  budget {p.budget}  [dim]{p.description}[/]", soft_wrap=True)
+            out.print(f"  target {p.target}: {'' if ok else '[yellow]not found[/], looked in '}{where}", soft_wrap=True)
+            out.print(f"  draft  {p.draft}: {'' if dok else '[yellow]not found[/], looked in '}{dwhere}", soft_wrap=True)
+        out.print("\n[dim]Any local folder, .gguf file or repo id in the local Hugging Face cache also "
+                  "works as --target / --draft. Nothing is downloaded.[/]", soft_wrap=True)
 
 
 def main() -> None:

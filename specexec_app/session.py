@@ -46,6 +46,13 @@ class Pipeline:
                                                   tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def placement_text(self) -> str:
+        if self.target.placement is None:
+            return f"resident on {self.target.device}"
+        from offload.model import describe
+
+        return describe(self.target.placement)
+
     def generate(self, prompt_ids: list[int], settings: DecodeSettings) -> Iterator:
         return engine.generate(self.target, self.drafter, prompt_ids, settings, self.tokenizer,
                                self.stop_ids)

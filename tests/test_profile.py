@@ -1,0 +1,95 @@
+"""`specexec profile` and `specexec models`, and how run/chat take the saved profile."""
+
+import json
+import tomllib
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from specexec_app.cli import app
+from specexec_app.profile import choose, save_profile
+from specexec_app.tune import bench_prompts, lookup, profile_candidates
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECEXEC_CONFIG", str(tmp_path / "cfg"))
+    return tmp_path / "cfg" / "profile.toml"
+
+
+def test_profile_measures_tunes_saves_and_run_uses_it(config, tmp_path):
+    result = runner.invoke(app, ["profile", "--quick"])
+    assert result.exit_code == 0, result.output
+    data = tomllib.loads(config.read_text())
+    m = data["machine"]
+    assert m["cpu_threads"] == psutil.cpu_count() and m["gpu"] == "none"
+    assert 0 < m["ram_free_gb"] <= m["ram_total_gb"] and m["disk_read_gb_s"] > 0
+    assert data["target"]["parameters"] == 134515008  # SmolLM2-135M, counted from the checkpoint
+    assert set(data["target"]["pass_ms"]) >= {"0", "1"}
+    budgets = [r["budget"] for r in data["calibration"]]
+    assert budgets == profile_candidates(__import__("torch").device("cpu"), True)
+    best = max(data["calibration"], key=lambda r: r["tokens_per_s"])
+    assert data["choice"]["budget"] == best["budget"] and data["choice"]["quant"] == 16
+    assert data["predicted_tokens_per_s"] > 0 and data["measured_tokens_per_s"] > 0
+    assert "predicted" in result.output and "measured" in result.output
+
+    shown = runner.invoke(app, ["profile", "--show"])
+    assert shown.exit_code == 0 and f"budget {best['budget']}" in shown.output
+
+    # run takes the profile's budget; an option overrides it.
+    data["choice"]["budget"] = 5
+    save_profile(data)
+    for extra, budget in (([], 5), (["--budget", "3"], 3)):
+        out = tmp_path / "s.json"
+        r = runner.invoke(app, ["run", "Hi", "--max-new-tokens", "4", "--stats-json", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        assert json.loads(out.read_text())["budget"] == budget
+
+    assert runner.invoke(app, ["profile", "--reset"]).exit_code == 0
+    assert not config.exists()
+    r = runner.invoke(app, ["profile", "--show"])
+    assert r.exit_code == 1 and r.stderr.startswith("error: no saved profile")
+
+
+def test_corrupt_profile_is_a_one_line_error(config):
+    config.parent.mkdir(parents=True)
+    config.write_text("choice = [broken")
+    r = runner.invoke(app, ["run", "Hi"])
+    assert r.exit_code == 1 and r.stderr.startswith("error: cannot read the profile")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_options_win_over_the_profile_which_wins_over_defaults():
+    prof = {"choice": {"target": "default", "draft": "ngram", "budget": 12, "quant": 8,
+                       "offload": "always", "drafter": "cpu", "gpu_memory": "12GiB"}}
+    o = choose(None, None, None, None, None, None, None, prof)
+    assert (o.target, o.budget, o.quant, o.offload, o.drafter, o.gpu_memory, o.from_profile) == \
+        ("default", 12, 8, "always", "cpu", "12GiB", True)
+    o = choose(None, None, 4, 16, "never", None, None, prof)
+    assert (o.budget, o.quant, o.offload, o.gpu_memory) == (4, 16, "never", "12GiB")
+    o = choose("/some/other/model", None, None, None, None, None, None, prof)  # tuned for another
+    assert (o.budget, o.quant, o.offload, o.from_profile) == (None, 16, "auto", False)
+    o = choose(None, None, None, None, None, None, None, None)
+    assert (o.target, o.budget, o.quant, o.offload, o.drafter) == ("default", None, 16, "auto", "auto")
+
+
+def test_cost_model_pieces():
+    assert lookup({0: 1.0, 8: 2.0, 16: 4.0}, 4) == pytest.approx(1.5)
+    assert lookup({0: 1.0, 8: 2.0, 16: 4.0}, 32) == pytest.approx(8.0)
+    cal, check = bench_prompts(["writing", "qa"], 0), bench_prompts(["writing", "qa"], 1)
+    assert [c for c, _ in cal] == ["writing", "qa"] == [c for c, _ in check]
+    assert not {p for _, p in cal} & {p for _, p in check}  # the check run uses other prompts
+
+
+def test_models_lists_presets_and_presence():
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    default = next(line for line in lines if line.startswith("default"))
+    assert "present" in default
+    llama = next(line for line in lines if line.startswith("llama-3.1-70b"))
+    assert "missing" in llama
+    assert "models--meta-llama--Llama-3.1-70B-Instruct" in r.output
