@@ -85,7 +85,7 @@ class Conversation:
 def total(stats: list[Stats]) -> Stats:
     out = Stats()
     for s in stats:
-        for name in ("prompt_tokens", "new_tokens", "target_passes", "draft_s", "target_s",
+        for name in ("prompt_tokens", "new_tokens", "accepted_tokens", "target_passes", "draft_s", "target_s",
                      "wall_s", "tree_nodes", "streamed_bytes"):
             setattr(out, name, getattr(out, name) + getattr(s, name))
     return out

@@ -317,6 +317,50 @@ def models() -> None:
                   "works as --target / --draft. Nothing is downloaded.[/]", soft_wrap=True)
 
 
+@app.command("bench")
+def bench_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for results.json, results.md and the plots.")] = Path("bench-out"),
+    quick: Annotated[bool, typer.Option(help="3 prompts, 2 budgets, 2 chain lengths, 24 tokens: about two minutes on a CPU.")] = False,
+    budgets: Annotated[Optional[str], typer.Option(show_default=False, help="Comma-separated SpecExec budgets. Default: 4,16 quick; 64..2048 on a GPU; 2..32 on a CPU.")] = None,
+    chains: Annotated[Optional[str], typer.Option(show_default=False, help="Comma-separated chain lengths for classic speculative decoding. Default: 2,4 quick; 2,4,8.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt (quick: 24).")] = 64,
+    per_category: Annotated[int, typer.Option(help="Prompts per Spec-Bench category.")] = 1,
+    greedy_only: Annotated[bool, typer.Option(help="Skip the sampled runs (temperature 0.6, top-p 0.9).")] = False,
+    target: Target = None,
+    draft: Draft = None,
+    device: Device = "auto",
+    offload: Offload = None,
+    quant: Quant = None,
+    gpu_memory: GpuMemory = None,
+    drafter: DrafterDev = None,
+    trust_remote_code: TrustRemote = False,
+) -> None:
+    """SpecExec against transformers generate, our target alone, and classic speculative decoding,
+    on Spec-Bench prompts in one process: JSON, a Markdown table and plots in --out."""
+    from .bench import bench
+
+    console = Console(highlight=False)
+    with friendly_errors():
+        ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+        try:
+            b = ints(budgets) if budgets else None
+            c = ints(chains) if chains else ([2, 4] if quick else [2, 4, 8])
+        except ValueError:
+            raise UserError("--budgets and --chains take comma-separated whole numbers") from None
+        if min((b or [1]) + c) < 1 or b == []:
+            raise UserError("budgets and chain lengths must be at least 1")
+        pipe, _, _ = load_pipeline(target, draft, None, quant, offload, gpu_memory, drafter,
+                                   device, trust_remote_code, console=err, use_profile=False)
+        gpu = pipe.target.device.type == "cuda"
+        b = b or ([4, 16] if quick else [64, 256, 1024, 2048] if gpu else [2, 8, 32])
+        with err.status("benchmarking...", spinner="dots") as status:
+            result = bench(pipe, out, quick, b, c, 24 if quick else max_new_tokens,
+                           1 if quick else per_category, ["greedy"] if greedy_only else ["greedy", "t0.6"],
+                           say=lambda msg: status.update(msg + "..."))
+        console.print((out / "results.md").read_text(), markup=False)
+        console.print("wrote " + ", ".join(str(f) for f in result["files"]), soft_wrap=True)
+
+
 def main() -> None:
     app()
 

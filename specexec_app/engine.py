@@ -47,6 +47,7 @@ class Notice:
 class Stats:
     prompt_tokens: int = 0
     new_tokens: int = 0
+    accepted_tokens: int = 0  # tokens the passes produced: the new ones plus a final stop token
     target_passes: int = 0
     draft_s: float = 0.0
     target_s: float = 0.0
@@ -57,7 +58,7 @@ class Stats:
 
     @property
     def accepted_per_pass(self) -> float:
-        return self.new_tokens / self.target_passes if self.target_passes else 0.0
+        return self.accepted_tokens / self.target_passes if self.target_passes else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -173,6 +174,7 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
         if out:
             yield Text(detok.push(out), out)
     stats.new_tokens = len(new)
+    stats.accepted_tokens = len(new) + (reason == "eos")
     stats.wall_s = time.perf_counter() - start
     stats.stop_reason = reason
     yield Done(stats, new)

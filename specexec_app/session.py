@@ -30,6 +30,7 @@ class Pipeline:
     target_name: str
     draft_name: str
     default_budget: int
+    source: object = None  # the target's ModelSource
 
     def encode(self, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
         if not prompt.strip():
@@ -140,4 +141,4 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
         dmodel = load_model(dsrc, ddev, trust_remote_code=trust_remote_code)
         drafter = ModelDrafter(dmodel, min(vocab, dmodel.config.vocab_size),
                                stop_ids=frozenset(stops))
-    return Pipeline(Target(model, target), drafter, tokenizer, stops, target, draft, budget)
+    return Pipeline(Target(model, target), drafter, tokenizer, stops, target, draft, budget, src)
