@@ -3,7 +3,8 @@
 Methods, on the same target, draft, weights and placement: (1) `hf-generate`, transformers'
 `generate` (with accelerate's `device_map` offload when the target is offloaded); (2) `ours-ar`,
 our target decoding one token per pass; (3) `chain-k`, classic speculative decoding with one
-draft chain of k tokens; (4) `specexec-b`, SpecExec trees of budget b. Greedy and sampled
+draft chain of k tokens; (4) `specexec-b`, SpecExec trees of budget b, and the largest budget
+with drafting overlapped with verification (`-overlap`). Greedy and sampled
 (temperature 0.6, top-p 0.9). Every figure here is measured on the models named in the output;
 nothing is combined from other runs.
 """
@@ -74,6 +75,7 @@ def methods(pipe, budgets: list[int], chains: list[int]) -> list[tuple[str, obje
     chain = ChainDrafter(pipe.drafter)
     out += [(f"chain-{k}", chain, k) for k in chains]
     out += [(f"specexec-{b}", pipe.drafter, b) for b in budgets]
+    out.append((f"specexec-{max(budgets)}-overlap", pipe.drafter, max(budgets)))
     return out
 
 
@@ -91,7 +93,8 @@ def run(pipe, hf_model, prompts: list[tuple[str, str]], budgets: list[int], chai
             say(f"{mode}: {name}")
             for i, (cat, ids) in enumerate(encoded):
                 settings = DecodeSettings(budget=max(budget, 1), temperature=temperature,
-                                          top_p=top_p, max_new_tokens=max_new, seed=i)
+                                          top_p=top_p, max_new_tokens=max_new, seed=i,
+                                          overlap=name.endswith("-overlap"))
                 if drafter is None:
                     out, r = hf_generate(hf_model, ids, settings, pipe.stop_ids)
                     reference[i] = out

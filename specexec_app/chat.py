@@ -31,6 +31,7 @@ Type a message and press Enter. Commands:
   /set seed N|none           repeatable sampling
   /set system TEXT|none      system prompt (starts a new conversation)
   /set footer on|off         stats line after each reply
+  /set overlap on|off        draft the next tree while the target verifies
   /show                      settings, models, placement
   /stats                     last reply and session: tokens/s, accepted/pass, pass, draft, GB/s
   /clear                     new conversation
@@ -269,6 +270,12 @@ class ChatREPL:
             self.conv = Conversation(system=None if value.lower() == "none" else value)
             self.console.print("[dim]System prompt set; new conversation.[/]")
             return
+        if key == "overlap":
+            if value.lower() not in ("on", "off"):
+                raise UserError("usage: /set overlap on|off")
+            self.settings = replace(self.settings, overlap=value.lower() == "on")
+            self.console.print(f"[dim]overlap = {value.lower()}[/]")
+            return
         if key == "footer":
             if value.lower() not in ("on", "off"):
                 raise UserError("usage: /set footer on|off")
@@ -279,7 +286,7 @@ class ChatREPL:
                   "max_new_tokens": ("max_new_tokens", int), "seed": ("seed", int)}
         if key not in fields:
             raise UserError(f"cannot set {key}; settable: budget, temperature, top_p, "
-                            "max_tokens, seed, system, footer")
+                            "max_tokens, seed, system, footer, overlap")
         attr, kind = fields[key]
         if key == "seed" and value.lower() == "none":
             parsed = None
@@ -301,7 +308,7 @@ class ChatREPL:
                 ("context", f"{pipe.target.context_length} tokens"),
                 ("budget", str(s.budget)), ("temperature", str(s.temperature)),
                 ("top_p", str(s.top_p)), ("max_tokens", str(s.max_new_tokens)),
-                ("seed", str(s.seed)), ("system", self.conv.system or "(the template's default)"),
+                ("seed", str(s.seed)), ("overlap", "on" if s.overlap else "off"), ("system", self.conv.system or "(the template's default)"),
                 ("footer", "on" if self.footer else "off"),
                 ("conversation", f"{len(self.conv.turns)} messages")]
         for k, v in rows:

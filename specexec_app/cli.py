@@ -59,6 +59,7 @@ Offload = Annotated[Optional[str], typer.Option(show_default=False, help="auto: 
 Quant = Annotated[Optional[int], typer.Option(show_default=False, help="Target weights: 16, 8 (int8) or 4 (NF4) bits. Default: the profile's, else 16.")]
 GpuMemory = Annotated[Optional[str], typer.Option(show_default=False, help="GPU memory the target may use, e.g. 24GiB. Default: the profile's, else what is free.")]
 DrafterDev = Annotated[Optional[str], typer.Option("--drafter", show_default=False, help="Where a draft model runs: auto (with the target), gpu or cpu. Default: the profile's, else auto.")]
+Overlap = Annotated[bool, typer.Option(help="Draft the next tree on a thread while the target verifies this one (pays when a pass is slow: an offloaded target).")]
 TrustRemote = Annotated[bool, typer.Option(help="Allow model code from the checkpoint (off unless asked).")]
 
 
@@ -121,6 +122,7 @@ def run(
     quant: Quant = None,
     gpu_memory: GpuMemory = None,
     drafter: DrafterDev = None,
+    overlap: Overlap = False,
     trust_remote_code: TrustRemote = False,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
@@ -133,7 +135,7 @@ def run(
         if not prompt.strip():
             raise UserError("the prompt is empty")
         settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature, top_p=top_p,
-                                  max_new_tokens=max_new_tokens, seed=seed)
+                                  max_new_tokens=max_new_tokens, seed=seed, overlap=overlap)
         pipe, _, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter,
                                          device, trust_remote_code)
         if pipe.target.placement is not None:
@@ -184,6 +186,7 @@ def chat(
     quant: Quant = None,
     gpu_memory: GpuMemory = None,
     drafter: DrafterDev = None,
+    overlap: Overlap = False,
     trust_remote_code: TrustRemote = False,
 ) -> None:
     """Chat with the model in the terminal. /help lists the commands; Ctrl+C stops a reply."""
@@ -193,7 +196,8 @@ def chat(
     out = Console(highlight=False)
     with friendly_errors():
         settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature,
-                                  top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+                                  top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                  overlap=overlap)
         pipe, opts, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory,
                                             drafter, device, trust_remote_code, console=out)
         settings.budget = pipe.default_budget

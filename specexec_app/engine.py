@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from .errors import UserError
 from .lm import Target
 from .sampling import Sampler, accept
 from .settings import DecodeSettings
+from .tree import Tree, likeliest_path, regraft
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Stats:
     target_s: float = 0.0
     wall_s: float = 0.0
     tree_nodes: int = 0
+    reused_trees: int = 0  # passes whose tree was drafted during the previous verification
     streamed_bytes: int = 0
     stop_reason: str = ""
 
@@ -136,43 +139,67 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
     start = time.perf_counter()
     reason = ""
     budget = settings.budget
-    while not reason:
-        room_new, room_ctx = settings.max_new_tokens - len(new), context - len(tokens)
-        t0 = time.perf_counter()
-        tree = drafter.propose(tokens, budget)
-        # Nodes past the room left would be wasted work, or positions outside the context.
-        tree = tree.within_depth(min(room_new, room_ctx) - 1)
-        _sync(target.device)
-        t1 = time.perf_counter()
-        streamed = target.bytes_streamed
-        try:
-            logits = target.verify(tokens, tree)
-        except torch.OutOfMemoryError:
+    # Overlap: while the target verifies a tree, a thread drafts the next one below the draft's
+    # likeliest outcome; only the part below what was really accepted is kept. The drafter is
+    # never used by two threads at once: the main thread takes the result before drafting.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="specexec-draft") if settings.overlap else None
+    ahead: tuple[list[int], Future] | None = None
+    try:
+        while not reason:
+            room_new, room_ctx = settings.max_new_tokens - len(new), context - len(tokens)
+            t0 = time.perf_counter()
+            tree = Tree()
+            if ahead is not None:
+                guess, future = ahead
+                ahead = None
+                tree = regraft(guess, future.result(), tokens)
+                tree = tree.select(tree.best_nodes(budget))
+                stats.reused_trees += len(tree) > 0
             if len(tree) == 0:
-                raise UserError("out of GPU memory even without a draft tree: lower --gpu-memory "
-                                "or use --quant 4") from None
-            if target.device.type == "cuda":
-                torch.cuda.empty_cache()
-            budget = max(1, min(budget, len(tree)) // 2)
-            yield Notice(f"out of GPU memory with a {len(tree)}-node tree: retrying with budget {budget}")
-            continue
-        path, drawn = accept(tree, logits, sample)
-        target.commit(tree, path)
-        _sync(target.device)
-        t2 = time.perf_counter()
-        out, reason = _cut(drawn, stop_ids, room_new, room_ctx)
-        tokens += out
-        new += out
-        stats.target_passes += 1
-        stats.tree_nodes += len(tree)
-        stats.draft_s += t1 - t0
-        stats.target_s += t2 - t1
-        streamed = target.bytes_streamed - streamed
-        stats.streamed_bytes += streamed
-        yield Pass(tree_size=len(tree), accepted=len(out), draft_s=t1 - t0, target_s=t2 - t1,
-                   streamed_bytes=streamed)
-        if out:
-            yield Text(detok.push(out), out)
+                tree = drafter.propose(tokens, budget)
+            # Nodes past the room left would be wasted work, or positions outside the context.
+            tree = tree.within_depth(min(room_new, room_ctx) - 1)
+            _sync(target.device)
+            t1 = time.perf_counter()
+            if pool is not None:
+                guess = tokens + [tree.tokens[n] for n in likeliest_path(tree)]
+                if len(guess) < context:
+                    # Twice the budget: the tree that will be kept hangs one level below the
+                    # guessed leaf (under the token the target draws there), not at its root.
+                    ahead = (guess, pool.submit(drafter.propose, guess, 2 * budget))
+            streamed = target.bytes_streamed
+            try:
+                logits = target.verify(tokens, tree)
+            except torch.OutOfMemoryError:
+                if len(tree) == 0:
+                    raise UserError("out of GPU memory even without a draft tree: lower "
+                                    "--gpu-memory or use --quant 4") from None
+                if target.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                budget = max(1, min(budget, len(tree)) // 2)
+                yield Notice(f"out of GPU memory with a {len(tree)}-node tree: retrying with "
+                             f"budget {budget}")
+                continue
+            path, drawn = accept(tree, logits, sample)
+            target.commit(tree, path)
+            _sync(target.device)
+            t2 = time.perf_counter()
+            out, reason = _cut(drawn, stop_ids, room_new, room_ctx)
+            tokens += out
+            new += out
+            stats.target_passes += 1
+            stats.tree_nodes += len(tree)
+            stats.draft_s += t1 - t0
+            stats.target_s += t2 - t1
+            streamed = target.bytes_streamed - streamed
+            stats.streamed_bytes += streamed
+            yield Pass(tree_size=len(tree), accepted=len(out), draft_s=t1 - t0, target_s=t2 - t1,
+                       streamed_bytes=streamed)
+            if out:
+                yield Text(detok.push(out), out)
+    finally:
+        if pool is not None:  # a stopped reply (Ctrl+C, error, close) leaves no thread behind
+            pool.shutdown(wait=True, cancel_futures=True)
     stats.new_tokens = len(new)
     stats.accepted_tokens = len(new) + (reason == "eos")
     stats.wall_s = time.perf_counter() - start

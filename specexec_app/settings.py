@@ -15,6 +15,7 @@ class DecodeSettings:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int | None = None
+    overlap: bool = False        # draft the next tree while the target verifies this one
 
     def __post_init__(self) -> None:
         if self.budget < 1:

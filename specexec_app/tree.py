@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +84,49 @@ class Tree:
     def within_depth(self, max_depth: int) -> Tree:
         depths = self.depths
         return self.select([i for i in range(len(self)) if depths[i] <= max_depth])
+
+
+def likeliest_path(tree: Tree) -> list[int]:
+    """Nodes from the root's best-scored child down to a leaf, best-scored child at each step:
+    the draft's guess of what the target will accept."""
+    children = tree.children()
+    path, node = [], -1
+    while children.get(node):
+        node = max(children[node].values(), key=lambda n: (tree.scores[n], -n))
+        path.append(node)
+    return path
+
+
+def regraft(prefix: list[int], tree: Tree, committed: list[int]) -> Tree:
+    """The part of `tree` (drafted below the last token of `prefix`) that lies below the last
+    token of `committed`, re-rooted there; empty when `committed` left what was drafted.
+
+    If `committed` stops short of `prefix`, the rest of `prefix` becomes a chain (scored above
+    every node, so that a budget cut keeps it) with `tree` hung below it.
+    """
+    out = Tree()
+    if len(committed) <= len(prefix):
+        if prefix[:len(committed)] != committed:
+            return out
+        end = -1
+        for tok in prefix[len(committed):]:
+            end = out.add(tok, end, math.inf)
+        offset = len(out)
+        for tok, p, score in zip(tree.tokens, tree.parents, tree.scores):
+            out.add(tok, end if p < 0 else offset + p, score)
+        return out
+    if committed[:len(prefix)] != prefix:
+        return out
+    children, node = tree.children(), -1
+    for tok in committed[len(prefix):]:
+        node = children.get(node, {}).get(tok)
+        if node is None:
+            return out
+    new_index = {node: -1}
+    for i, p in enumerate(tree.parents):
+        if p in new_index and i != node:
+            new_index[i] = out.add(tree.tokens[i], new_index[p], tree.scores[i])
+    return out
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -13,7 +13,8 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     overall = {(r["mode"], r["method"]): r for r in data["summary"] if r["category"] == "all"}
-    methods = {"hf-generate", "ours-ar", "chain-2", "chain-4", "specexec-4", "specexec-16"}
+    methods = {"hf-generate", "ours-ar", "chain-2", "chain-4", "specexec-4", "specexec-16",
+               "specexec-16-overlap"}
     assert {m for _, m in overall} == methods and {m for m, _ in overall} == {"greedy", "t0.6"}
     for (mode, method), r in overall.items():
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0, (mode, method)
