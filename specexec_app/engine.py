@@ -112,6 +112,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _cut(tokens: list[int], stop_ids: set[int], room_new: int, room_ctx: int) -> tuple[list[int], str]:
     """Tokens to emit from one pass, and why generation stops ('' if it goes on)."""
     room = min(room_new, room_ctx)
@@ -149,14 +154,23 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
             room_new, room_ctx = settings.max_new_tokens - len(new), context - len(tokens)
             t0 = time.perf_counter()
             tree = Tree()
-            if ahead is not None:
-                guess, future = ahead
-                ahead = None
-                tree = regraft(guess, future.result(), tokens)
-                tree = tree.select(tree.best_nodes(budget))
-                stats.reused_trees += len(tree) > 0
-            if len(tree) == 0:
-                tree = drafter.propose(tokens, budget)
+            try:
+                if ahead is not None:
+                    guess, future = ahead
+                    ahead = None
+                    tree = regraft(guess, future.result(), tokens)
+                    tree = tree.select(tree.best_nodes(budget))
+                    stats.reused_trees += len(tree) > 0
+                if len(tree) == 0:
+                    tree = drafter.propose(tokens, budget)
+            except torch.OutOfMemoryError:
+                if budget == 1:
+                    raise UserError("out of GPU memory in the draft model even at budget 1: "
+                                    "use --drafter cpu or a smaller draft") from None
+                _free(target.device)
+                budget = max(1, budget // 2)
+                yield Notice(f"out of GPU memory while drafting: retrying with budget {budget}")
+                continue
             # Nodes past the room left would be wasted work, or positions outside the context.
             tree = tree.within_depth(min(room_new, room_ctx) - 1)
             _sync(target.device)
@@ -174,8 +188,7 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
                 if len(tree) == 0:
                     raise UserError("out of GPU memory even without a draft tree: lower "
                                     "--gpu-memory or use --quant 4") from None
-                if target.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                _free(target.device)
                 budget = max(1, min(budget, len(tree)) // 2)
                 yield Notice(f"out of GPU memory with a {len(tree)}-node tree: retrying with "
                              f"budget {budget}")

@@ -164,3 +164,36 @@ def test_out_of_memory_shrinks_the_budget_and_stays_exact(model, tokenizer, chat
     assert notices and "retrying with budget" in notices[0].message
     assert all(e.tree_size <= 3 for e in events if isinstance(e, engine.Pass))
     assert_same_greedy(model, ids, events[-1].token_ids, reference(model, ids, stops))
+
+
+class DraftOutOfMemoryAbove(NgramDrafter):
+    """A drafter whose device refuses trees above `limit` nodes (simulated, as above)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def propose(self, tokens, budget):
+        if budget > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().propose(tokens, budget)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_draft_out_of_memory_shrinks_the_budget_and_stays_exact(model, tokenizer, chat_ids, overlap):
+    ids, stops = chat_ids(PROMPTS[2]), stop_ids(tokenizer, model)
+    events = list(engine.generate(Target(model), DraftOutOfMemoryAbove(8), ids,
+                                  DecodeSettings(budget=64, max_new_tokens=NEW, overlap=overlap),
+                                  tokenizer, stops))
+    notices = [e.message for e in events if isinstance(e, engine.Notice)]
+    assert notices and all("while drafting" in m for m in notices)
+    assert_same_greedy(model, ids, events[-1].token_ids, reference(model, ids, stops))
+
+
+def test_draft_out_of_memory_at_budget_one_is_a_clear_error(model, tokenizer, chat_ids):
+    from specexec_app.errors import UserError
+
+    with pytest.raises(UserError, match="--drafter cpu"):
+        list(engine.generate(Target(model), DraftOutOfMemoryAbove(0), chat_ids(PROMPTS[0]),
+                             DecodeSettings(budget=4, max_new_tokens=4), tokenizer,
+                             stop_ids(tokenizer, model)))
