@@ -231,7 +231,8 @@ class ChatREPL:
             self.conv.turns.pop()  # nothing was said: the message is not kept either
         self.console.print()
         if interrupted:
-            self.console.print("[dim]stopped; what was said is kept[/]")
+            self.console.print("[dim]stopped; what was said is kept[/]" if reply else
+                               "[dim]stopped before the reply began; the message was not kept[/]")
             return
         self.history.append(done.stats)
         if done.stats.stop_reason == "context":

@@ -59,12 +59,13 @@ Offload = Annotated[Optional[str], typer.Option(show_default=False, help="auto: 
 Quant = Annotated[Optional[int], typer.Option(show_default=False, help="Target weights: 16, 8 (int8) or 4 (NF4) bits. Default: the profile's, else 16.")]
 GpuMemory = Annotated[Optional[str], typer.Option(show_default=False, help="GPU memory the target may use, e.g. 24GiB. Default: the profile's, else what is free.")]
 DrafterDev = Annotated[Optional[str], typer.Option("--drafter", show_default=False, help="Where a draft model runs: auto (with the target), gpu or cpu. Default: the profile's, else auto.")]
-Overlap = Annotated[bool, typer.Option(help="Draft the next tree on a thread while the target verifies this one (pays when a pass is slow: an offloaded target).")]
+Overlap = Annotated[Optional[bool], typer.Option("--overlap/--no-overlap", show_default=False, help="Draft the next tree on a thread while the target verifies this one (pays when a pass is slow: an offloaded target). Default: the profile's, else off.")]
 TrustRemote = Annotated[bool, typer.Option(help="Allow model code from the checkpoint (off unless asked).")]
 
 
 def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, device,
-                  trust_remote_code, console: Console = err, use_profile: bool = True):
+                  trust_remote_code, console: Console = err, use_profile: bool = True,
+                  overlap: bool | None = None):
     """Options + saved profile -> a ready pipeline (spinner and layer progress on `console`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -73,7 +74,7 @@ def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, de
     from .settings import parse_size
 
     profile = load_profile() if use_profile else None
-    opts = choose(target, draft, budget, quant, offload, gpu_memory, drafter, profile)
+    opts = choose(target, draft, budget, quant, offload, gpu_memory, drafter, profile, overlap)
     size = parse_size(opts.gpu_memory) if opts.gpu_memory else None
     bar = Progress(TextColumn("packing streamed layers"), BarColumn(), MofNCompleteColumn(),
                    console=console, transient=True)
@@ -122,7 +123,7 @@ def run(
     quant: Quant = None,
     gpu_memory: GpuMemory = None,
     drafter: DrafterDev = None,
-    overlap: Overlap = False,
+    overlap: Overlap = None,
     trust_remote_code: TrustRemote = False,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
@@ -135,9 +136,10 @@ def run(
         if not prompt.strip():
             raise UserError("the prompt is empty")
         settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature, top_p=top_p,
-                                  max_new_tokens=max_new_tokens, seed=seed, overlap=overlap)
-        pipe, _, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter,
-                                         device, trust_remote_code)
+                                  max_new_tokens=max_new_tokens, seed=seed)
+        pipe, opts, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory,
+                                            drafter, device, trust_remote_code, overlap=overlap)
+        settings.overlap = opts.overlap
         if pipe.target.placement is not None:
             err.print(f"target: {pipe.placement_text()}", soft_wrap=True)
         if profile is None and err.is_terminal:
@@ -186,7 +188,7 @@ def chat(
     quant: Quant = None,
     gpu_memory: GpuMemory = None,
     drafter: DrafterDev = None,
-    overlap: Overlap = False,
+    overlap: Overlap = None,
     trust_remote_code: TrustRemote = False,
 ) -> None:
     """Chat with the model in the terminal. /help lists the commands; Ctrl+C stops a reply."""
@@ -196,11 +198,11 @@ def chat(
     out = Console(highlight=False)
     with friendly_errors():
         settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature,
-                                  top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                                  overlap=overlap)
+                                  top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
         pipe, opts, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory,
-                                            drafter, device, trust_remote_code, console=out)
-        settings.budget = pipe.default_budget
+                                            drafter, device, trust_remote_code, console=out,
+                                            overlap=overlap)
+        settings.budget, settings.overlap = pipe.default_budget, opts.overlap
         if history:
             import platformdirs
 
@@ -293,7 +295,8 @@ def show_profile(out: Console, data: dict) -> None:
     gap = (meas - pred) / pred * 100 if pred else 0
     out.print(f"[bold]choice:[/] {ch.get('target')} + {ch.get('draft')}, {ch.get('quant')}-bit "
               f"({tg.get('quant_reason', '')}), offload {ch.get('offload')}, drafter "
-              f"{ch.get('drafter')}, budget {ch.get('budget')}", soft_wrap=True)
+              f"{ch.get('drafter')}, budget {ch.get('budget')}, overlap "
+              f"{'on' if ch.get('overlap') else 'off'}", soft_wrap=True)
     if dr.get("placement_reason"):
         out.print(f"[dim]drafter: {dr['placement_reason']}[/]", soft_wrap=True)
     out.print(f"[bold]predicted[/] {pred:.2f} tok/s, [bold]measured[/] {meas:.2f} tok/s on other "

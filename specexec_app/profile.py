@@ -57,12 +57,13 @@ class Options:
     offload: str = "auto"
     gpu_memory: str | None = None  # None: what is free
     drafter: str = "auto"
+    overlap: bool = False
     from_profile: bool = False
 
 
 def choose(target: str | None, draft: str | None, budget: int | None, quant: int | None,
            offload: str | None, gpu_memory: str | None, drafter: str | None,
-           profile: dict | None) -> Options:
+           profile: dict | None, overlap: bool | None = None) -> Options:
     """Options given on the command line win; the saved profile fills the rest when it was tuned
     for the same target (or no target was named); then the defaults."""
     choice = (profile or {}).get("choice") or {}
@@ -77,4 +78,5 @@ def choose(target: str | None, draft: str | None, budget: int | None, quant: int
                    offload=pick(offload, "offload", "auto"),
                    gpu_memory=pick(gpu_memory, "gpu_memory", None),
                    drafter=pick(drafter, "drafter", "auto"),
+                   overlap=bool(pick(overlap, "overlap", False)),
                    from_profile=applies)
