@@ -150,6 +150,41 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
         raise UserError(f"cannot load the tokenizer of {src.name}: {_first_line(e)}") from e
 
 
+def check_checkpoint(folder: Path) -> None:
+    """Refuse a missing, truncated or corrupt safetensors shard by name, before loading anything
+    (reads only the headers)."""
+    import json
+    import struct
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(folder.glob("*.safetensors"))
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{index} is corrupt ({e})") from e
+        missing = sorted(shards - {f.name for f in files})
+        if missing:
+            raise UserError(f"{folder} lacks the shard{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)} that its index names")
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                      default=0)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            raise UserError(f"{f} is corrupt: its header cannot be read ({e}); download or "
+                            "convert it again") from e
+        if size < 8 + n + end:
+            raise UserError(f"{f} is truncated: {size} of {8 + n + end} bytes; download or "
+                            "convert it again")
+
+
 def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype | None = None,
                quant: str | None = None, trust_remote_code: bool = False):
     """A causal LM in eval mode; `quant` "int8" or "nf4" quantizes it with bitsandbytes."""
@@ -171,6 +206,8 @@ def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype | None
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_compute_dtype=dtype))
         kwargs["device_map"] = {"": device}
+    if not src.gguf_file and Path(src.path).is_dir():
+        check_checkpoint(Path(src.path))
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except Exception as e:  # noqa: BLE001 - corrupt files, wrong formats, missing pieces

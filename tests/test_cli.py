@@ -63,8 +63,15 @@ def test_corrupt_weight_file(source, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(source.path, bad)
     weights = bad / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: 1 << 20])  # truncated
-    assert_one_line_error(invoke("hi", "--target", str(bad)), "cannot load model")
+    data = weights.read_bytes()
+    weights.write_bytes(data[: 1 << 20])  # truncated
+    assert_one_line_error(invoke("hi", "--target", str(bad)), "model.safetensors is truncated")
+    weights.write_bytes(data[:8] + b"{" * 40 + data[48:])  # a broken header
+    assert_one_line_error(invoke("hi", "--target", str(bad)), "model.safetensors is corrupt")
+    weights.write_bytes(data)
+    (bad / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    assert_one_line_error(invoke("hi", "--target", str(bad)), "lacks the shard model-00002")
 
 
 def test_run_stats_json(tmp_path):
