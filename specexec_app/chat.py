@@ -165,6 +165,10 @@ class ChatREPL:
                 self.console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             except KeyboardInterrupt:
                 self.console.print("[dim]interrupted[/]")
+            except Exception as e:  # noqa: BLE001 - a failed turn must not end the conversation
+                first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+                self.console.print(f"[bold red]error:[/] {escape(first)} (the conversation goes on)",
+                                   soft_wrap=True)
 
     # ---- a turn ------------------------------------------------------------------------
     def fit_context(self, message: str) -> list[int] | None:
@@ -225,10 +229,10 @@ class ChatREPL:
             raise
         finally:
             status.stop()
-        if reply:
+        if reply or (done is not None and not interrupted):
             self.conv.turns.append({"role": "assistant", "content": reply})
-        elif interrupted or done is None:
-            self.conv.turns.pop()  # nothing was said: the message is not kept either
+        else:
+            self.conv.turns.pop()  # stopped before anything was said: the message is not kept
         self.console.print()
         if interrupted:
             self.console.print("[dim]stopped; what was said is kept[/]" if reply else

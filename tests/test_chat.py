@@ -147,3 +147,21 @@ def test_save_load_roundtrip(tmp_path):
     conv.save(path, {"target": "t"})
     back = Conversation.load(path)
     assert back == conv
+
+
+def test_an_unexpected_failure_in_a_turn_keeps_the_conversation(pipe, monkeypatch):
+    r, _ = repl(pipe, ["/set max_tokens 6", "Hello!"])
+    before = [dict(t) for t in r.conv.turns]
+
+    def broken(ids, settings):
+        yield from ()
+        raise RuntimeError("device lost\nmore detail")
+
+    monkeypatch.setattr(pipe, "generate", broken)
+    buf = io.StringIO()
+    r.console = Console(file=buf, width=200)
+    r.read = scripted(["Are you there?", "/show"])
+    r.loop()
+    out = buf.getvalue()
+    assert "error: device lost (the conversation goes on)" in out and "Traceback" not in out
+    assert r.conv.turns == before and re.search(r"conversation\s+2 messages", out)
