@@ -213,12 +213,12 @@ def bench(pipe, out: Path, quick: bool, budgets: list[int], chains: list[int], m
     (out / "results.json").write_text(json.dumps(
         meta | {"summary": list(summary.values()), "runs": rows}, indent=1) + "\n")
     (out / "results.md").write_text(markdown(summary, header))
-    files = [out / "results.json", out / "results.md"]
+    files, notes = [out / "results.json", out / "results.md"], []
     try:
         files += plots(summary, out)
     except ImportError:
-        say("plots need matplotlib (pip install matplotlib); JSON and Markdown are written")
-    return {"summary": summary, "files": files, "header": header}
+        notes.append('no plots: they need matplotlib (pip install -e ".[bench]")')
+    return {"summary": summary, "files": files, "header": header, "notes": notes}
 
 
 def machine(pipe) -> str:

@@ -366,6 +366,8 @@ def bench_cmd(
                            say=lambda msg: status.update(msg + "..."))
         console.print((out / "results.md").read_text(), markup=False)
         console.print("wrote " + ", ".join(str(f) for f in result["files"]), soft_wrap=True)
+        for note in result["notes"]:
+            err.print(f"note: {note}", soft_wrap=True)
 
 
 def main() -> None:
