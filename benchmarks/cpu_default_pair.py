@@ -17,7 +17,6 @@ import datetime
 import json
 import platform
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import psutil
@@ -28,24 +27,10 @@ from specexec_app import engine
 from specexec_app.lm import Target
 from specexec_app.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve, stop_ids, truncated_copy
 from specexec_app.settings import DecodeSettings
-
-BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench" / "spec_bench_question.jsonl"
-
-
-def load_prompts(path: Path, per_category: int) -> list[tuple[str, str]]:
-    seen: dict[str, int] = defaultdict(int)
-    out = []
-    for line in path.read_text().splitlines():
-        q = json.loads(line)
-        if seen[q["category"]] < per_category:
-            seen[q["category"]] += 1
-            out.append((q["category"], q["turns"][0]))
-    return out
-
+from specexec_app.tune import bench_prompts
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bench", type=Path, default=BENCH)
     ap.add_argument("--per-category", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--budgets", default="1,2,4,8,16,32,64,128,256")
@@ -58,7 +43,7 @@ def main() -> None:
     tok = load_tokenizer(src)
     model = load_model(src, torch.device("cpu"))
     stops = stop_ids(tok, model)
-    prompts = load_prompts(args.bench, args.per_category)
+    prompts = bench_prompts(count=args.per_category)
     encoded = []
     for cat, text in prompts:
         rendered = tok.apply_chat_template([{"role": "user", "content": text}],

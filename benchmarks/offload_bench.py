@@ -27,7 +27,8 @@ from offload import offload_model, plan_placement
 from offload.model import describe
 from specexec_app.kvcache import TokenCache
 from specexec_app.lm import forward_tree
-from specexec_app.tree import Tree
+from specexec_app.tree import chain
+from specexec_app.tune import host_to_device_gb_s
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, layers, vocab
     "llama-2-70b": (8192, 28672, 64, 8, 80, 32000),
@@ -48,27 +49,6 @@ def build(shape: str, layers: int, dtype: torch.dtype) -> tuple[LlamaForCausalLM
     return model, real_layers
 
 
-def h2d_peak(device, nbytes=1 << 30, pinned=True) -> float:
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        dev.copy_(host, non_blocking=True)
-    end.record()
-    torch.cuda.synchronize()
-    return 5 * nbytes / (start.elapsed_time(end) / 1000) / 1e9
-
-
-def chain(n: int) -> Tree:
-    tree = Tree()
-    for i in range(n):
-        tree.add(100 + i % 500, i - 1, -float(i))
-    return tree
-
-
 def time_pass(model, n: int, device, repeats: int) -> float:
     prompt = list(range(10, 42))
     times = []
@@ -77,7 +57,7 @@ def time_pass(model, n: int, device, repeats: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        forward_tree(model, kv, prompt, chain(n))
+        forward_tree(model, kv, prompt, chain([100 + i % 500 for i in range(n)]))
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -102,8 +82,8 @@ def main() -> None:
                                 f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
                         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "none")
     if device.type == "cuda":
-        result["h2d_pinned_GBps"] = h2d_peak(device, pinned=True)
-        result["h2d_pageable_GBps"] = h2d_peak(device, pinned=False)
+        result["h2d_pinned_GBps"] = host_to_device_gb_s(device, pinned=True, size=1 << 30)
+        result["h2d_pageable_GBps"] = host_to_device_gb_s(device, pinned=False, size=1 << 30)
         print(f"host->device: pinned {result['h2d_pinned_GBps']:.1f} GB/s, pageable "
               f"{result['h2d_pageable_GBps']:.1f} GB/s", flush=True)
 

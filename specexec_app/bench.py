@@ -195,7 +195,7 @@ def bench(pipe, out: Path, quick: bool, budgets: list[int], chains: list[int], m
           per_category: int, modes: list[str], say: Say) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cats = QUICK_CATEGORIES if quick else ALL_CATEGORIES
-    prompts = [p for k in range(per_category) for p in bench_prompts(cats, k)]
+    prompts = bench_prompts(cats, count=per_category)
     hf_model = pipe.target.model
     if pipe.target.placement is not None:
         hf_model = accelerate_offloaded(pipe, say)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -84,11 +84,12 @@ class Conversation:
 
 
 def total(stats: list[Stats]) -> Stats:
+    """The session's sum of every count and time (the stop reason is the last reply's)."""
     out = Stats()
     for s in stats:
-        for name in ("prompt_tokens", "new_tokens", "accepted_tokens", "target_passes", "draft_s", "target_s",
-                     "wall_s", "tree_nodes", "streamed_bytes"):
-            setattr(out, name, getattr(out, name) + getattr(s, name))
+        for f in fields(Stats):
+            value = getattr(s, f.name)
+            setattr(out, f.name, value if isinstance(value, str) else getattr(out, f.name) + value)
     return out
 
 

@@ -17,6 +17,7 @@ from .errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact SpecExec speculative decoding: chat with a big model on a small machine.")
 err = Console(stderr=True, highlight=False)
+PROFILE_TIP = "[dim]tip: `specexec profile` tunes the budget and placement to this machine[/]"
 
 
 @app.callback()
@@ -143,7 +144,7 @@ def run(
         if pipe.target.placement is not None:
             err.print(f"target: {pipe.placement_text()}", soft_wrap=True)
         if profile is None and err.is_terminal:
-            err.print("[dim]tip: `specexec profile` tunes the budget and placement to this machine[/]")
+            err.print(PROFILE_TIP)
         settings.budget = pipe.default_budget
         ids = pipe.encode(prompt, raw=raw, system=system)
         done = None
@@ -212,7 +213,7 @@ def chat(
                   f"{settings.budget}, {placement}"
                   + (" (tuned by your profile)" if opts.from_profile else ""), soft_wrap=True)
         if profile is None:
-            out.print("[dim]tip: `specexec profile` tunes the budget and placement to this machine[/]")
+            out.print(PROFILE_TIP)
         out.print("[dim]/help for commands, /exit or Ctrl+D to leave, Ctrl+C stops a reply[/]")
         ChatREPL(pipe, settings, out, system=system, footer=footer, placement=placement).loop()
 
@@ -309,13 +310,19 @@ def models() -> None:
     """The presets, where each one's weights are looked for, and whether they are present."""
     from .models import locate
     from .presets import PRESETS_FILE, load_presets
+    from .session import SELF_DRAFTS
 
     out = Console(highlight=False)
     with friendly_errors():
         out.print(f"[dim]presets from {PRESETS_FILE}[/]")
         for p in load_presets().values():
             where, ok = locate(p.target)
-            dwhere, dok = locate(p.draft) if p.draft not in ("ngram", "self-int8", "self-nf4") else ("no weights" if p.draft == "ngram" else "made from the target", True)
+            if p.draft == "ngram":
+                dwhere, dok = "no weights", True
+            elif p.draft in SELF_DRAFTS:
+                dwhere, dok = "made from the target", True
+            else:
+                dwhere, dok = locate(p.draft)
             mark = "[green]present[/]" if ok and dok else "[yellow]missing[/]"
             out.print(f"\n[bold]{p.name}[/]  {mark}  budget {p.budget}  [dim]{p.description}[/]", soft_wrap=True)
             out.print(f"  target {p.target}: {'' if ok else '[yellow]not found[/], looked in '}{where}", soft_wrap=True)

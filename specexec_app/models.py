@@ -53,10 +53,30 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def _converted_default_dir() -> Path:
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def _cached_repo(spec: str) -> str | None:
+    """The local snapshot folder of a Hugging Face repo id, or None if it is not cached."""
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(spec, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means: not in the local cache
+        return None
+
+
 def default_model_dir(status: Status = _quiet) -> Path:
     """SmolLM2-135M-Instruct as a safetensors folder, converted from the GGUF once (~20 s)."""
-    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+    out = _converted_default_dir()
+    if _is_converted(out):
         return out
     gguf = smollm2_gguf()
     status("converting the default model from GGUF to safetensors (once, about 20 s)")
@@ -101,13 +121,9 @@ def resolve(spec: str, status: Status = _quiet) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource(spec, str(path), ggufs[0].name)
         raise UserError(f"{spec} holds no config.json (and not exactly one .gguf file)")
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return ModelSource(spec, snapshot_download(spec, local_files_only=True))
-        except Exception:  # noqa: BLE001 - any failure means: not in the local cache
-            pass
+    snapshot = _cached_repo(spec)
+    if snapshot:
+        return ModelSource(spec, snapshot)
     raise UserError(f"model not found: {spec} (not a preset, a folder, a .gguf file, "
                     "or a repo id in the local Hugging Face cache; nothing is downloaded)")
 
@@ -116,8 +132,8 @@ def locate(spec: str) -> tuple[str, bool]:
     """Where the weights of a model spec are looked for, and whether they are there (nothing is
     loaded or converted)."""
     if spec in BUILTIN_ALIASES:
-        folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-        if (folder / "model.safetensors").is_file():
+        folder = _converted_default_dir()
+        if _is_converted(folder):
             return str(folder), True
         try:
             return f"{smollm2_gguf()} (converted on first use)", True
@@ -126,12 +142,12 @@ def locate(spec: str) -> tuple[str, bool]:
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")):
         return str(path), path.exists()
-    from huggingface_hub import constants, snapshot_download
+    snapshot = _cached_repo(spec)
+    if snapshot:
+        return snapshot, True
+    from huggingface_hub import constants
 
-    try:
-        return snapshot_download(spec, local_files_only=True), True
-    except Exception:  # noqa: BLE001 - not in the local cache
-        return str(Path(constants.HF_HUB_CACHE) / ("models--" + spec.replace("/", "--"))), False
+    return str(Path(constants.HF_HUB_CACHE) / ("models--" + spec.replace("/", "--"))), False
 
 
 def _first_line(e: BaseException) -> str:

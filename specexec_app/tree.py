@@ -86,6 +86,14 @@ class Tree:
         return self.select([i for i in range(len(self)) if depths[i] <= max_depth])
 
 
+def chain(tokens: list[int], score: float = 0.0) -> Tree:
+    """A tree that is one path: tokens[0] below the root, each next below the one before."""
+    tree = Tree()
+    for tok in tokens:
+        tree.add(tok, len(tree) - 1, score)
+    return tree
+
+
 def likeliest_path(tree: Tree) -> list[int]:
     """Nodes from the root's best-scored child down to a leaf, best-scored child at each step:
     the draft's guess of what the target will accept."""
@@ -108,10 +116,8 @@ def regraft(prefix: list[int], tree: Tree, committed: list[int]) -> Tree:
     if len(committed) <= len(prefix):
         if prefix[:len(committed)] != committed:
             return out
-        end = -1
-        for tok in prefix[len(committed):]:
-            end = out.add(tok, end, math.inf)
-        offset = len(out)
+        out = chain(prefix[len(committed):], math.inf)
+        end, offset = len(out) - 1, len(out)
         for tok, p, score in zip(tree.tokens, tree.parents, tree.scores):
             out.add(tok, end if p < 0 else offset + p, score)
         return out

@@ -31,7 +31,7 @@ import torch
 from .engine import Done, Pass
 from .errors import UserError
 from .settings import DecodeSettings
-from .tree import Tree
+from .tree import Tree, chain
 
 BENCH_FILE = Path(__file__).resolve().parent.parent / "configs" / "spec_bench_question.jsonl"
 # One prompt per category for calibration, another of the same categories for the check run.
@@ -41,19 +41,21 @@ GB = 1e9
 Say = Callable[[str], None]
 
 
-def bench_prompts(categories: list[str], index: int) -> list[tuple[str, str]]:
-    """(category, first turn) of the `index`-th prompt of each category."""
+def bench_prompts(categories: list[str] | None = None, first: int = 0,
+                  count: int = 1) -> list[tuple[str, str]]:
+    """(category, first turn) of prompts first..first+count-1 of each category (every category
+    when None), in the file's order."""
     seen: dict[str, int] = {}
     out = []
     with open(BENCH_FILE) as f:
         for line in f:
             row = json.loads(line)
             cat = row["category"]
-            if cat in categories:
-                if seen.get(cat, 0) == index:
+            if categories is None or cat in categories:
+                if first <= seen.get(cat, 0) < first + count:
                     out.append((cat, row["turns"][0]))
                 seen[cat] = seen.get(cat, 0) + 1
-    return sorted(out, key=lambda p: categories.index(p[0]))
+    return out
 
 
 # ---- the machine --------------------------------------------------------------------------
@@ -145,13 +147,6 @@ def measure_machine(device: torch.device, weights: Path | None) -> dict:
 
 # ---- the model's costs --------------------------------------------------------------------
 
-def chain(n: int, token: int) -> Tree:
-    tree = Tree()
-    for i in range(n):
-        tree.add(token, i - 1, 0.0)
-    return tree
-
-
 def pass_times(target, prefix: list[int], sizes: list[int], repeat: int = 3) -> dict[int, float]:
     """Seconds per target pass for a tree of n nodes on a `prefix`-long cache, per n."""
     sync = (lambda: torch.cuda.synchronize(target.device)) if target.device.type == "cuda" else (lambda: None)
@@ -159,7 +154,7 @@ def pass_times(target, prefix: list[int], sizes: list[int], repeat: int = 3) -> 
     target.commit(Tree(), [])
     out = {}
     for n in sizes:
-        tree = chain(n, prefix[-1])
+        tree = chain([prefix[-1]] * n)
         times = []
         for _ in range(repeat + 1):
             sync()
@@ -299,8 +294,9 @@ def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: st
                          trust_remote_code)
     dparams = sum(p.numel() for p in getattr(pipe.drafter, "model", torch.nn.Module()).parameters())
 
-    calib = [p for _, p in bench_prompts(CATEGORIES[:2] if quick else CATEGORIES[:4], 0)]
-    check = [p for _, p in bench_prompts(CATEGORIES[:2] if quick else CATEGORIES[:4], 1)]
+    categories = CATEGORIES[:2] if quick else CATEGORIES[:4]
+    calib = [p for _, p in bench_prompts(categories, first=0)]
+    check = [p for _, p in bench_prompts(categories, first=1)]
     max_new = 24 if quick else 64
     prefix = pipe.encode(calib[0])
     sizes = sorted({0, 1, *profile_candidates(dev, quick), 2 * max(profile_candidates(dev, quick))})
@@ -354,7 +350,7 @@ def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: st
 def choose_drafter(pipe, machine: dict, speed: dict, best: dict, dparams: int) -> tuple[str, str]:
     """Draft on the GPU, or on the CPU so that its GPU memory holds more target layers: whichever
     makes a pass (draft + streamed target) shorter."""
-    if "gpu_ms" not in speed and "cuda_ms" not in speed:
+    if "cuda_ms" not in speed:
         return "auto", "the drafter runs where the target computes (no GPU in use)"
     if dparams == 0:
         return "auto", "the n-gram drafter needs no GPU memory"

@@ -98,39 +98,55 @@ def test_greedy_raw_continuation(model, tokenizer):
     assert_same_greedy(model, ids, done.token_ids, reference(model, ids, stops))
 
 
-def test_sampling_follows_the_target_distribution(model, tokenizer):
-    """Chi-square of the first two sampled tokens against p(t1) * p(t2 | t1) of the target,
-    with the target as draft so that t2 is usually drawn at a tree node."""
-    ids = tokenizer("My favourite animal is the").input_ids
-    stops = stop_ids(tokenizer, model)
-    sampler = Sampler(temperature=1.0, top_p=0.9)
+PAIR_PROMPT = "My favourite animal is the"
+PAIR_SAMPLER = dict(temperature=1.0, top_p=0.9)
+
+
+def pair_distribution(model, ids):
+    """The target's p(t1) * p(t2 | t1) under PAIR_SAMPLER for every pair above 0.5 %, and the
+    first tokens t1 considered with their p(t1) and p(. | t1) rows: (expected, (firsts, p1, p2))."""
+    sampler = Sampler(**PAIR_SAMPLER)
     with torch.no_grad():
         p1 = sampler.probs(model(torch.tensor([ids])).logits[0, -1])
         firsts = [int(t) for t in torch.nonzero(p1 > 0.005).flatten()]
-        seqs = torch.tensor([ids + [t] for t in firsts])
-        p2 = sampler.probs(model(seqs).logits[:, -1])
+        p2 = sampler.probs(model(torch.tensor([ids + [t] for t in firsts])).logits[:, -1])
     expected = {(a, b): float(p1[a] * p2[i, b])
                 for i, a in enumerate(firsts) for b in torch.nonzero(p2[i] > 0.005).flatten().tolist()}
+    return expected, (firsts, p1, p2)
+
+
+def assert_follows(counts: dict, expected: dict, n: int) -> None:
+    """Chi-square of observed pair counts against the expected pair probabilities (pairs with an
+    expected count of 5+ each, the rest pooled)."""
+    big = [k for k, p in expected.items() if p * n >= 5]
+    observed = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    exp = [expected[k] * n for k in big] + [n * (1 - sum(expected[k] for k in big))]
+    assert len(big) >= 4
+    assert chisquare(observed, exp).pvalue > 1e-3
+
+
+def test_sampling_follows_the_target_distribution(model, tokenizer):
+    """Chi-square of the first two sampled tokens against p(t1) * p(t2 | t1) of the target,
+    with the target as draft so that t2 is usually drawn at a tree node."""
+    ids = tokenizer(PAIR_PROMPT).input_ids
+    stops = stop_ids(tokenizer, model)
+    expected, _ = pair_distribution(model, ids)
 
     drafter = ModelDrafter(model, model.config.vocab_size, top_k=8, max_depth=1)
     target = Target(model)
     n, counts, from_tree = 300, {}, 0
     for seed in range(n):
         events = list(engine.generate(target, drafter, ids,
-                                      DecodeSettings(budget=8, temperature=1.0, top_p=0.9,
-                                                     max_new_tokens=2, seed=seed),
+                                      DecodeSettings(budget=8, max_new_tokens=2, seed=seed,
+                                                     **PAIR_SAMPLER),
                                       tokenizer, stops))
         done = events[-1]
         pair = tuple(done.token_ids)
         from_tree += done.stats.target_passes == 1 and len(pair) == 2
         key = pair if pair in expected else "other"
         counts[key] = counts.get(key, 0) + 1
-    big = [k for k, p in expected.items() if p * n >= 5]
-    observed = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
-    exp = [expected[k] * n for k in big] + [n * (1 - sum(expected[k] for k in big))]
-    assert len(big) >= 4
     assert from_tree > n // 4  # many second tokens were drawn at a tree node in the same pass
-    assert chisquare(observed, exp).pvalue > 1e-3
+    assert_follows(counts, expected, n)
 
 
 def test_seed_repeats_sampled_output(model, tokenizer, chat_ids):

@@ -5,18 +5,17 @@ import threading
 
 import pytest
 import torch
-from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from drafts import Drafter, ModelDrafter, NgramDrafter
 from specexec_app import engine
 from specexec_app.lm import Target
 from specexec_app.models import stop_ids, truncated_copy
-from specexec_app.sampling import Sampler
 from specexec_app.settings import DecodeSettings
 from specexec_app.tree import Tree, likeliest_path, regraft
 
-from test_exactness import PROMPTS, assert_same_greedy, reference, run
+from test_exactness import (PAIR_PROMPT, PAIR_SAMPLER, PROMPTS, assert_follows,
+                            assert_same_greedy, pair_distribution, reference, run)
 
 
 def tree_of(edges):
@@ -95,15 +94,9 @@ class LateDrafter(Drafter):
 
 
 def test_sampling_with_overlap_follows_the_target_distribution(model, tokenizer):
-    ids = tokenizer("My favourite animal is the").input_ids
+    ids = tokenizer(PAIR_PROMPT).input_ids
     stops = stop_ids(tokenizer, model)
-    sampler = Sampler(temperature=1.0, top_p=0.9)
-    with torch.no_grad():
-        p1 = sampler.probs(model(torch.tensor([ids])).logits[0, -1])
-        firsts = [int(t) for t in torch.nonzero(p1 > 0.005).flatten()]
-        p2 = sampler.probs(model(torch.tensor([ids + [t] for t in firsts])).logits[:, -1])
-    expected = {(a, b): float(p1[a] * p2[i, b])
-                for i, a in enumerate(firsts) for b in torch.nonzero(p2[i] > 0.005).flatten().tolist()}
+    expected, (firsts, p1, p2) = pair_distribution(model, ids)
     tree = Tree()
     for i, a in sorted(enumerate(firsts), key=lambda ia: -float(p1[ia[1]]))[:16]:
         node = tree.add(a, -1, float(p1[a]))
@@ -115,18 +108,14 @@ def test_sampling_with_overlap_follows_the_target_distribution(model, tokenizer)
     for seed in range(n):
         drafter.reset()
         done = list(engine.generate(target, drafter, ids,
-                                    DecodeSettings(budget=64, temperature=1.0, top_p=0.9,
-                                                   max_new_tokens=2, seed=seed, overlap=True),
+                                    DecodeSettings(budget=64, max_new_tokens=2, seed=seed,
+                                                   overlap=True, **PAIR_SAMPLER),
                                     tokenizer, stops))[-1]
         reused += done.stats.reused_trees
         key = tuple(done.token_ids) if tuple(done.token_ids) in expected else "other"
         counts[key] = counts.get(key, 0) + 1
-    big = [k for k, p in expected.items() if p * n >= 5]
-    observed = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
-    exp = [expected[k] * n for k in big] + [n * (1 - sum(expected[k] for k in big))]
-    assert len(big) >= 4
     assert reused > n // 4  # many second tokens came from a tree drafted during the first pass
-    assert chisquare(observed, exp).pvalue > 1e-3
+    assert_follows(counts, expected, n)
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def test_options_win_over_the_profile_which_wins_over_defaults():
 def test_cost_model_pieces():
     assert lookup({0: 1.0, 8: 2.0, 16: 4.0}, 4) == pytest.approx(1.5)
     assert lookup({0: 1.0, 8: 2.0, 16: 4.0}, 32) == pytest.approx(8.0)
-    cal, check = bench_prompts(["writing", "qa"], 0), bench_prompts(["writing", "qa"], 1)
+    cal, check = bench_prompts(["writing", "qa"], first=0), bench_prompts(["writing", "qa"], first=1)
     assert [c for c, _ in cal] == ["writing", "qa"] == [c for c, _ in check]
     assert not {p for _, p in cal} & {p for _, p in check}  # the check run uses other prompts
 
