@@ -284,10 +284,11 @@ def show_profile(out: Console, data: dict) -> None:
         t.add_row(k, v)
     out.print(t)
     c = Table(title="calibration (decode, Spec-Bench prompts)", title_justify="left")
+    c.add_column("draft")
     for col in ("budget", "acc/pass", "tree", "pass ms", "draft ms", "other ms", "predicted tok/s"):
         c.add_column(col, justify="right")
     for r in data.get("calibration", []):
-        c.add_row(str(r["budget"]), f"{r.get('accepted_per_pass', 0):.2f}", f"{r.get('mean_tree', 0):.1f}",
+        c.add_row(r.get("draft", dr.get("name", "")), str(r["budget"]), f"{r.get('accepted_per_pass', 0):.2f}", f"{r.get('mean_tree', 0):.1f}",
                   f"{r.get('pass_ms', 0):.1f}", f"{r.get('draft_ms', 0):.1f}",
                   f"{r.get('overhead_ms', 0):.1f}", f"{r.get('tokens_per_s', 0):.2f}")
     out.print(c)
@@ -375,6 +376,72 @@ def bench_cmd(
         console.print("wrote " + ", ".join(str(f) for f in result["files"]), soft_wrap=True)
         for note in result["notes"]:
             err.print(f"note: {note}", soft_wrap=True)
+
+
+@app.command()
+def distill(
+    out: Annotated[Path, typer.Option(help="Folder for the draft (then used as --draft OUT); its .distill/ subfolder holds the data and checkpoints a rerun resumes from.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="The target to distill (as for run).")] = "default",
+    layers: Annotated[int, typer.Option(help="Decoder layers of the draft (of the target's width; it shares the target's embedding and head).")] = 2,
+    steps: Annotated[int, typer.Option(help="Optimizer steps in all; rerun with more to train on.")] = 400,
+    batch: Annotated[int, typer.Option(help="Target answers per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 5e-4,
+    mode: Annotated[str, typer.Option(help="greedy: target answers greedy, forward KL; sampling: answers sampled at --temperature, TVD at it.")] = "greedy",
+    temperature: Annotated[float, typer.Option(help="Sampling mode: the temperature of the data and the loss; the report's acceptance is at it.")] = 0.6,
+    max_new_tokens: Annotated[int, typer.Option(help="Length of each target answer.")] = 96,
+    prompts: Annotated[Optional[Path], typer.Option(show_default=False, help="Prompt file: one per line, or JSON lines with 'prompt' or 'turns' (last tenth held out). Default: Spec-Bench, its first --heldout prompts per category held out.")] = None,
+    max_prompts: Annotated[Optional[int], typer.Option(show_default=False, help="Use at most this many training prompts. Default: all.")] = None,
+    heldout: Annotated[int, typer.Option(help="Spec-Bench prompts per category held out for the report.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed for data order, sampling and initialization.")] = 0,
+    fresh: Annotated[bool, typer.Option(help="Forget the data and checkpoint in OUT and start over.")] = False,
+    device: Device = "auto",
+    offload: Offload = None,
+    quant: Quant = None,
+    gpu_memory: GpuMemory = None,
+    trust_remote_code: TrustRemote = False,
+) -> None:
+    """Train a small draft for a target on the target's own answers (knowledge distillation),
+    with a report of its agreement with the target on held-out prompts."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    from .distill import DistillSettings, Finished, Note
+    from .distill import Progress as Step
+    from .distill import distill as run_distill
+
+    console = Console(highlight=False)
+    with friendly_errors():
+        settings = DistillSettings(layers=layers, steps=steps, batch=batch, lr=lr, mode=mode,
+                                   temperature=temperature, max_new_tokens=max_new_tokens,
+                                   prompts=max_prompts, heldout=heldout, seed=seed)
+        pipe, _, _ = load_pipeline(target, "ngram", None, quant, offload, gpu_memory, None,
+                                   device, trust_remote_code, console=err, use_profile=False)
+        bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                       TimeRemainingColumn(), console=err)
+        tasks: dict[str, int] = {}
+        finished = None
+        with bar:
+            for event in run_distill(pipe.target.model, pipe.tokenizer, pipe.stop_ids,
+                                     pipe.target_name, out, settings, prompts, fresh):
+                if isinstance(event, Step):
+                    if event.stage not in tasks:
+                        tasks[event.stage] = bar.add_task(event.stage, total=event.total, info="")
+                    info = f"loss {event.loss:.3f}" if event.loss is not None else ""
+                    bar.update(tasks[event.stage], completed=event.done, total=event.total, info=info)
+                elif isinstance(event, Note):
+                    bar.console.print(event.message, soft_wrap=True)
+                elif isinstance(event, Finished):
+                    finished = event
+        r = finished.report
+        console.print(f"draft: {r['layers']} layers, {r['steps']} steps on {r['train_answer_tokens']} "
+                      f"answer tokens ({r['loss']}); held-out agreement with the target over "
+                      f"{r['after']['positions']} positions:", soft_wrap=True)
+        for key in r["after"]:
+            if key != "positions":
+                console.print(f"  {key:<18} {r['before'][key]:6.1%} before  ->  {r['after'][key]:6.1%} after")
+        console.print(f"wrote {finished.out} (use it: specexec run --target {target} --draft "
+                      f"{finished.out})", soft_wrap=True)
 
 
 def main() -> None:

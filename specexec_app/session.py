@@ -8,12 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from drafts import Drafter, ModelDrafter, NgramDrafter
+from drafts.distilled import is_distilled, load_draft
 
 from . import engine
 from .errors import UserError
-from .lm import Target
-from .models import (Status, _quiet, check_same_tokenizer, load_model, load_tokenizer, resolve,
-                     stop_ids)
+from .lm import Target, model_device
+from .models import (Status, _quiet, check_same_tokenizer, draft_gpu_bytes, load_model,
+                     load_tokenizer, resolve, stop_ids)
 from .presets import get_preset
 from .settings import DecodeSettings
 
@@ -47,6 +48,10 @@ class Pipeline:
                                                   tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def vocab_size(self) -> int:
+        """Token ids a drafter may propose: those of the tokenizer that the target also has."""
+        return min(len(self.tokenizer), self.target.model.config.vocab_size)
+
     def placement_text(self) -> str:
         if self.target.placement is None:
             return f"resident on {self.target.device}"
@@ -68,12 +73,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def _place_target(model, dev: torch.device, offload: str, quant: int, gpu_memory: int | None,
-                  status: Status, progress: Progress | None):
-    """Keep the target resident where it fits, else stream its decoder layers (offload/)."""
+                  status: Status, progress: Progress | None, draft_bytes: int = 0):
+    """Keep the target resident where it fits, else stream its decoder layers (offload/);
+    `draft_bytes` of the device are left to the draft."""
     from offload import offload_model, plan_placement
     from offload.model import describe
 
-    reserve = 2**30 if dev.type == "cuda" else 0  # draft, KV caches, tree activations
+    # KV caches and tree activations, and the draft when it shares the device.
+    reserve = 2**30 + draft_bytes if dev.type == "cuda" else 0
     try:
         placement = plan_placement(model, dev, quant, offload, gpu_memory, reserve)
     except MemoryError as e:
@@ -126,19 +133,28 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
     vocab = min(len(tokenizer), model.config.vocab_size)
 
     if quant != 16 or offload != "never":
-        model = _place_target(model, dev, offload, quant, gpu_memory, status, progress)
+        on_device = draft_gpu_bytes(draft, src, dsrc) if ddev.type == "cuda" else 0
+        model = _place_target(model, dev, offload, quant, gpu_memory, status, progress, on_device)
 
+    drafter = make_drafter(draft, dsrc, src, model, ddev, vocab, stops, trust_remote_code, status)
+    return Pipeline(Target(model, target), drafter, tokenizer, stops, target, draft, budget, src)
+
+
+def make_drafter(draft: str, dsrc, src, model, ddev: torch.device, vocab: int, stops: set[int],
+                 trust_remote_code: bool = False, status: Status = _quiet) -> Drafter:
+    """The drafter named `draft` (its model from `dsrc`) for the target `model` loaded from `src`."""
     if draft == "ngram":
         # On a CPU a pass carrying a tree costs ~1.4x a one-token pass (gemm against gemv), so
         # only matches of 3+ tokens earn a tree there; on a GPU the pass is flat in tree size.
-        drafter: Drafter = NgramDrafter(min_ngram=3 if dev.type == "cpu" else 1)
-    elif draft in SELF_DRAFTS:
-        status(f"quantizing a {SELF_DRAFTS[draft]} copy of {target} as the draft")
-        drafter = ModelDrafter(load_model(src, ddev, quant=SELF_DRAFTS[draft]), vocab,
-                               stop_ids=frozenset(stops))
+        return NgramDrafter(min_ngram=3 if model_device(model).type == "cpu" else 1)
+    if draft in SELF_DRAFTS:
+        status(f"quantizing a {SELF_DRAFTS[draft]} copy of the target as the draft")
+        dmodel = load_model(src, ddev, quant=SELF_DRAFTS[draft])
+    elif is_distilled(dsrc.path):
+        status(f"loading draft {draft} (shares the target's embedding and head)")
+        dmodel = load_draft(dsrc.path, model, ddev)
     else:
         status(f"loading draft {draft}")
         dmodel = load_model(dsrc, ddev, trust_remote_code=trust_remote_code)
-        drafter = ModelDrafter(dmodel, min(vocab, dmodel.config.vocab_size),
-                               stop_ids=frozenset(stops))
-    return Pipeline(Target(model, target), drafter, tokenizer, stops, target, draft, budget, src)
+        vocab = min(vocab, dmodel.config.vocab_size)
+    return ModelDrafter(dmodel, vocab, stop_ids=frozenset(stops))

@@ -232,20 +232,6 @@ def predict(run: Run, times: dict[int, float]) -> dict:
 
 # ---- choices ------------------------------------------------------------------------------
 
-def count_params(folder: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                n = 1
-                for d in f.get_slice(key).get_shape():
-                    n *= d
-                total += n
-    return total
-
-
 def choose_quant(params: int, ram_free: int, device: torch.device) -> tuple[int, str]:
     """The most precise weights that fit host RAM with room to spare (the exact target is the
     quantized one you pick: 16-bit unless RAM forbids it)."""
@@ -272,9 +258,9 @@ def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: st
          load: Callable[..., tuple]) -> dict:
     """Measure, choose, check; returns the profile to save. `load(target, draft, budget, quant,
     offload, gpu_memory, drafter, device, trust)` builds a pipeline (the CLI's loader)."""
-    from .models import resolve
+    from .models import count_params, resolve
     from .presets import get_preset
-    from .session import pick_device
+    from .session import SELF_DRAFTS, make_drafter, pick_device
 
     dev = pick_device(device_name)
     name = target or "default"
@@ -292,7 +278,8 @@ def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: st
     say(f"loading {name} ({quant}-bit)")
     pipe, opts, _ = load(target, draft, None, quant, None, gpu_memory, None, device_name,
                          trust_remote_code)
-    dparams = sum(p.numel() for p in getattr(pipe.drafter, "model", torch.nn.Module()).parameters())
+    candidates = [pipe.draft_name] + ([] if draft else other_drafts(pipe, dev, gpu_memory))
+    drafters = {pipe.draft_name: pipe.drafter}
 
     categories = CATEGORIES[:2] if quick else CATEGORIES[:4]
     calib = [p for _, p in bench_prompts(categories, first=0)]
@@ -304,10 +291,18 @@ def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: st
     times = pass_times(pipe.target, prefix + prefix[-1:] * (max_new // 2), sizes)
 
     rows = []
-    for b in profile_candidates(dev, quick):
-        say(f"calibrating budget {b} on {len(calib)} Spec-Bench prompts")
-        run = decode(pipe, calib, DecodeSettings(budget=b, max_new_tokens=max_new))
-        rows.append({"budget": b} | predict(run, times) | {"calibration_tokens_per_s": run.tokens_per_s})
+    for name_d in candidates:
+        if name_d not in drafters:
+            say(f"loading the candidate draft {name_d}")
+            drafters[name_d] = make_drafter(name_d, None if name_d in SELF_DRAFTS else resolve(name_d),
+                                            pipe.source, pipe.target.model, dev, pipe.vocab_size(),
+                                            pipe.stop_ids)
+        pipe.drafter = drafters[name_d]
+        for b in profile_candidates(dev, quick):
+            say(f"calibrating {name_d} at budget {b} on {len(calib)} Spec-Bench prompts")
+            run = decode(pipe, calib, DecodeSettings(budget=b, max_new_tokens=max_new))
+            rows.append({"draft": name_d, "budget": b} | predict(run, times)
+                        | {"calibration_tokens_per_s": run.tokens_per_s})
     # Overlapped drafting hides the draft behind the pass: a pass then costs max(pass, draft), so
     # the best budget is the one whose drafting still fits the pass time on this hardware. Only
     # where the target computes on a GPU: on a CPU the two would share the same cores.
@@ -317,6 +312,9 @@ def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: st
                                                                      + r["overhead_ms"])
                                      if overlap_ok and r.get("pass_ms") else 0.0)
     best = max(rows, key=lambda r: max(r["tokens_per_s"], r["overlap_tokens_per_s"]))
+    pipe.drafter, pipe.draft_name = drafters[best["draft"]], best["draft"]
+    drafters.clear()  # the other candidates' weights can go
+    dparams = own_params(pipe)
     overlap = best["overlap_tokens_per_s"] > best["tokens_per_s"] * 1.05
     predicted = best["overlap_tokens_per_s"] if overlap else best["tokens_per_s"]
     say(f"check run at budget {best['budget']} on {len(check)} other prompts")
@@ -345,6 +343,35 @@ def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: st
         "measured_tokens_per_s": round(measured.tokens_per_s, 3),
         "measured_accepted_per_pass": round(measured.accepted_per_pass, 3),
     }
+
+
+def own_params(pipe) -> int:
+    """Parameters of the draft model that are not the target's own (a distilled draft shares the
+    target's embedding and head)."""
+    model = getattr(pipe.drafter, "model", None)
+    if model is None:
+        return 0
+    target = {id(p) for p in pipe.target.model.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in target)
+
+
+def other_drafts(pipe, dev: torch.device, gpu_memory: str | None) -> list[str]:
+    """Drafts the profile also tries when none was named: each shipped distilled draft made for
+    this target, and, for a target that streams through a GPU, its NF4 copy (SubSpec's quantized
+    self-draft) when that copy takes at most half of the GPU memory budget."""
+    from drafts.distilled import made_for
+
+    from .models import SHIPPED_DRAFTS, draft_gpu_bytes
+    from .settings import parse_size
+
+    out = [name for name, folder in SHIPPED_DRAFTS.items()
+           if name != pipe.draft_name and made_for(folder, pipe.target.model)]
+    p = pipe.target.placement
+    if dev.type == "cuda" and p is not None and p.streamed_layers and pipe.draft_name != "self-nf4":
+        budget = parse_size(gpu_memory) if gpu_memory else torch.cuda.get_device_properties(dev).total_memory
+        if draft_gpu_bytes("self-nf4", pipe.source, None) <= budget / 2:
+            out.append("self-nf4")
+    return out
 
 
 def choose_drafter(pipe, machine: dict, speed: dict, best: dict, dparams: int) -> tuple[str, str]:

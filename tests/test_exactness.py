@@ -6,9 +6,10 @@ import torch
 from scipy.stats import chisquare
 
 from drafts import ModelDrafter, NgramDrafter
+from drafts.distilled import load_draft
 from specexec_app import engine
 from specexec_app.lm import Target
-from specexec_app.models import stop_ids, truncated_copy
+from specexec_app.models import SHIPPED_DRAFTS, load_model, stop_ids, truncated_copy
 from specexec_app.sampling import Sampler
 from specexec_app.settings import DecodeSettings
 
@@ -91,6 +92,35 @@ def test_greedy_with_a_weak_draft(model, weak_draft, tokenizer, chat_ids, budget
     assert_same_greedy(model, ids, done.token_ids, reference(model, ids, stops))
 
 
+@pytest.fixture(scope="module")
+def new_drafts(model, source):
+    """The drafters of issue 7 for the default target: quantized copies of it and the shipped
+    distilled draft (sharing its embedding and head), each made once."""
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            cpu = torch.device("cpu")
+            made[kind] = (load_draft(SHIPPED_DRAFTS["smollm2-distilled"], model, cpu)
+                          if kind == "distilled" else load_model(source, cpu, quant=kind))
+        return made[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4", "distilled"])
+def test_greedy_with_self_drafts_and_the_distilled_draft(model, tokenizer, chat_ids, new_drafts, kind):
+    stops = stop_ids(tokenizer, model)
+    drafter = ModelDrafter(new_drafts(kind), model.config.vocab_size, stop_ids=frozenset(stops))
+    accepted = []
+    for prompt in PROMPTS[:2]:
+        ids = chat_ids(prompt)
+        done = run(model, drafter, ids, stops, tokenizer, budget=16)
+        assert_same_greedy(model, ids, done.token_ids, reference(model, ids, stops))
+        accepted.append(done.stats.accepted_per_pass)
+    # These drafts agree with the target: most passes accept more than the drawn token.
+    assert min(accepted) > 1.5, accepted
+
+
 def test_greedy_raw_continuation(model, tokenizer):
     ids = tokenizer("def fib(n):\n    if n < 2:\n        return n\n    return").input_ids
     stops = stop_ids(tokenizer, model)
@@ -125,14 +155,17 @@ def assert_follows(counts: dict, expected: dict, n: int) -> None:
     assert chisquare(observed, exp).pvalue > 1e-3
 
 
-def test_sampling_follows_the_target_distribution(model, tokenizer):
+@pytest.mark.parametrize("kind", ["target", "nf4", "distilled"])
+def test_sampling_follows_the_target_distribution(model, tokenizer, new_drafts, kind):
     """Chi-square of the first two sampled tokens against p(t1) * p(t2 | t1) of the target,
-    with the target as draft so that t2 is usually drawn at a tree node."""
+    with a draft close to the target (itself, its NF4 copy, the distilled draft) so that t2 is
+    often drawn at a tree node."""
     ids = tokenizer(PAIR_PROMPT).input_ids
     stops = stop_ids(tokenizer, model)
     expected, _ = pair_distribution(model, ids)
 
-    drafter = ModelDrafter(model, model.config.vocab_size, top_k=8, max_depth=1)
+    dmodel = model if kind == "target" else new_drafts(kind)
+    drafter = ModelDrafter(dmodel, model.config.vocab_size, top_k=8, max_depth=1)
     target = Target(model)
     n, counts, from_tree = 300, {}, 0
     for seed in range(n):
