@@ -102,32 +102,44 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
 
 def offload_model(model, device: torch.device, placement: Placement,
                   dtype: torch.dtype | None = None, n_buffers: int = 2,
-                  progress: Callable[[int, int], None] | None = None):
-    """Rebuild `model` (loaded on the CPU) in place: the first `placement.resident_layers` decoder
-    layers and everything outside them move to `device`; the rest are packed into host buffers
-    and streamed. With quantization, resident layers get the same decoded weights, so the whole
-    model computes one function. `progress(done, total)` is called per layer packed. Returns the
-    streamer (None when nothing streams)."""
+                  progress: Callable[[int, int], None] | None = None,
+                  fill: Callable[[str | None], None] | None = None):
+    """Rebuild `model` in place: the first `placement.resident_layers` decoder layers and
+    everything outside them move to `device`; the rest are packed into host buffers and streamed.
+    With quantization, resident layers get the same decoded weights, so the whole model computes
+    one function. `progress(done, total)` is called per decoder layer placed.
+
+    The model is either loaded on the CPU, or (`fill` given) on the meta device: then
+    `fill(prefix)` reads the weights under `prefix` ("model.layers.3.") into CPU memory just
+    before that layer is placed, and `fill(None)` everything outside the decoder layers; one
+    layer at a time is held unpacked, so the model is never held twice. Returns the streamer
+    (None when nothing streams)."""
     dtype = dtype or model.dtype
     layers = _layers(model)
     first = placement.resident_layers
     packed = []
-    for i in range(first, len(layers)):
-        packed.append(pack_layer(layers[i], placement.quant, dtype, pin=device.type == "cuda"))
-        for module in layers[i].modules():  # free the host copy as we go: the model is never held twice
-            for name, p in list(module._parameters.items()):
-                if p is not None:
-                    module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
-                                                            requires_grad=False)
+    for i in range(len(layers)):
+        if fill:
+            fill(f"model.layers.{i}.")
+        if i < first:
+            if placement.quant < 16:
+                roundtrip(layers[i], placement.quant, dtype)
+            layers[i].to(device, dtype)  # now, so that resident layers never pile up on the host
+        else:
+            packed.append(pack_layer(layers[i], placement.quant, dtype, pin=device.type == "cuda"))
+            for module in layers[i].modules():  # free the host copy as we go
+                for name, p in list(module._parameters.items()):
+                    if p is not None:
+                        module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                                requires_grad=False)
         if progress:
-            progress(i - first + 1, len(layers) - first)
-    for i in range(first):
-        if placement.quant < 16:
-            roundtrip(layers[i], placement.quant, dtype)
+            progress(i + 1, len(layers))
+    if fill:
+        fill(None)
     streamer = LayerStreamer(packed, device, n_buffers) if packed else None
     for k, i in enumerate(range(first, len(layers))):
         layers[i] = StreamedLayer(layers[i], k, streamer)
-    # Everything else (embeddings, norm, head, rotary tables, resident layers) to the device.
+    # Everything else (embeddings, norm, head, rotary tables) to the device.
     for name, module in model.named_modules():
         if isinstance(module, StreamedLayer):
             continue
@@ -137,6 +149,8 @@ def offload_model(model, device: torch.device, placement: Placement,
         for bname, b in list(module._buffers.items()):
             if b is not None and b.device.type != "meta":
                 module._buffers[bname] = b.to(device)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model._specexec_streamer = streamer
     model._specexec_placement = placement
     return streamer

@@ -77,7 +77,7 @@ def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, de
     profile = load_profile() if use_profile else None
     opts = choose(target, draft, budget, quant, offload, gpu_memory, drafter, profile, overlap)
     size = parse_size(opts.gpu_memory) if opts.gpu_memory else None
-    bar = Progress(TextColumn("packing streamed layers"), BarColumn(), MofNCompleteColumn(),
+    bar = Progress(TextColumn("placing layers"), BarColumn(), MofNCompleteColumn(),
                    console=console, transient=True)
     task = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -13,8 +14,8 @@ from drafts.distilled import is_distilled, load_draft
 from . import engine
 from .errors import UserError
 from .lm import Target, model_device
-from .models import (Status, _quiet, check_same_tokenizer, draft_gpu_bytes, load_model,
-                     load_tokenizer, resolve, stop_ids)
+from .models import (Status, _quiet, check_checkpoint, check_same_tokenizer, draft_gpu_bytes,
+                     load_model, load_tokenizer, resolve, stop_ids)
 from .presets import get_preset
 from .settings import DecodeSettings
 
@@ -72,15 +73,31 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _place_target(model, dev: torch.device, offload: str, quant: int, gpu_memory: int | None,
-                  status: Status, progress: Progress | None, draft_bytes: int = 0):
-    """Keep the target resident where it fits, else stream its decoder layers (offload/);
-    `draft_bytes` of the device are left to the draft."""
+def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: int | None,
+                 status: Status, progress: Progress | None, draft_bytes: int,
+                 trust_remote_code: bool):
+    """The target, resident where it fits, else with its decoder layers streamed (offload/);
+    `draft_bytes` of the device are left to the draft. A safetensors checkpoint is read layer by
+    layer as it is placed (never held whole in RAM); a GGUF file is loaded whole, then placed."""
     from offload import offload_model, plan_placement
+    from offload.loader import load_offloaded
     from offload.model import describe
 
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    if offload == "never" and quant == 16:
+        return load_model(src, dev, dtype=dtype, trust_remote_code=trust_remote_code)
     # KV caches and tree activations, and the draft when it shares the device.
     reserve = 2**30 + draft_bytes if dev.type == "cuda" else 0
+    if not src.gguf_file:
+        check_checkpoint(Path(src.path))
+        status("placing the target layer by layer")
+        model = load_offloaded(Path(src.path), dev, quant, offload, gpu_memory, reserve, dtype,
+                               progress, trust_remote_code)
+        placement = model._specexec_placement
+        if placement.streamed_layers == 0 and quant == 16:
+            model._specexec_placement = None  # all of it resident: nothing offloaded
+        return model
+    model = load_model(src, torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         placement = plan_placement(model, dev, quant, offload, gpu_memory, reserve)
     except MemoryError as e:
@@ -125,16 +142,11 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
     tokenizer = load_tokenizer(src, trust_remote_code)
     if dsrc:
         check_same_tokenizer(tokenizer, load_tokenizer(dsrc, trust_remote_code))
-    # A target that may be offloaded is loaded into host RAM first, then placed.
-    host = torch.device("cpu") if offload != "never" or quant != 16 else dev
-    model = load_model(src, host, dtype=None if dev.type == "cpu" else torch.bfloat16,
-                       trust_remote_code=trust_remote_code)
+    on_device = draft_gpu_bytes(draft, src, dsrc) if ddev.type == "cuda" else 0
+    model = _load_target(src, dev, offload, quant, gpu_memory, status, progress, on_device,
+                         trust_remote_code)
     stops = stop_ids(tokenizer, model)
     vocab = min(len(tokenizer), model.config.vocab_size)
-
-    if quant != 16 or offload != "never":
-        on_device = draft_gpu_bytes(draft, src, dsrc) if ddev.type == "cuda" else 0
-        model = _place_target(model, dev, offload, quant, gpu_memory, status, progress, on_device)
 
     drafter = make_drafter(draft, dsrc, src, model, ddev, vocab, stops, trust_remote_code, status)
     return Pipeline(Target(model, target), drafter, tokenizer, stops, target, draft, budget, src)

@@ -102,3 +102,66 @@ def test_parse_size():
     assert parse_size("24GiB") == 24 * 2**30
     assert parse_size("12 GB") == 12 * 10**9
     assert parse_size("512MiB") == 512 * 2**20
+
+
+@pytest.mark.parametrize("quant, budget", [(16, None), (4, None), (8, "300MB")])
+def test_loading_layer_by_layer_gives_the_same_model(model, source, tokenizer, quant, budget):
+    """The shard-by-shard loader (meta model, one layer read, placed and freed at a time)
+    computes what the model loaded whole computes, quantized the same way; with a budget some
+    layers stay resident."""
+    from pathlib import Path
+
+    from offload.loader import load_offloaded
+
+    prompt = tokenizer("Loaded layer by layer, the model must not change").input_ids
+    reference = copy.deepcopy(model)
+    if quant < 16:
+        for layer in reference.model.layers:
+            roundtrip(layer, quant, torch.float32)
+    loaded = load_offloaded(Path(source.path), CPU, quant, "always",
+                            parse_size(budget) if budget else None, 0, torch.float32)
+    placement = loaded._specexec_placement
+    assert placement.streamed_layers > 0
+    assert (placement.resident_layers > 0) == (budget is not None)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied, held once
+    torch.testing.assert_close(logits_of(loaded, prompt), logits_of(reference, prompt),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_layer_by_layer_loading_never_holds_the_model_whole(source):
+    """While the 4-bit streamed target loads, each decoder layer is read, packed and freed before
+    the next is read: at every step no layer is held unpacked, and what stays in host memory is
+    the packed layers (about an eighth of the fp32 weights)."""
+    from pathlib import Path
+
+    from offload.loader import load_offloaded
+
+    seen = []
+    holder = {}
+
+    def progress(done, total):
+        layers = holder["model"].model.layers
+        unpacked = [i for i, layer in enumerate(layers)
+                    if any(p.device.type != "meta" for p in layer.parameters())]
+        seen.append((done, unpacked))
+
+    import offload.loader as loader
+
+    original = loader.offload_model
+
+    def spy(model, *args, **kwargs):
+        holder["model"] = model
+        assert all(p.device.type == "meta" for p in model.parameters())  # nothing read yet
+        return original(model, *args, **kwargs)
+
+    loader.offload_model = spy
+    try:
+        model = load_offloaded(Path(source.path), CPU, 4, "always", None, 0, torch.float32,
+                               progress=progress)
+    finally:
+        loader.offload_model = original
+    assert [d for d, _ in seen] == list(range(1, 31))
+    assert all(unpacked == [] for _, unpacked in seen), seen
+    packed = sum(layer.nbytes for layer in model._specexec_streamer.layers)
+    fp32 = sum(p.numel() for p in model.model.layers[0].template.parameters()) * 4 * 30
+    assert packed < fp32 / 6

@@ -1,0 +1,109 @@
+"""Loading an offloaded target shard by shard: the model is built on the meta device and each
+decoder layer is read from the safetensors files, placed (moved to the device, or packed and
+quantized for streaming) and freed before the next is read. Host memory holds the packed
+streamed layers plus one layer in full precision, never the whole model: a 70B checkpoint
+placed in 4 bits needs about 40 GB of RAM, not 140."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from specexec_app.errors import UserError
+
+from .model import offload_model, plan_placement
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class ShardReader:
+    """Tensors by name from a folder's safetensors files, each read with one plain read into
+    its own buffer (no memory map: mapped pages of the whole file would count against RAM)."""
+
+    def __init__(self, folder: Path):
+        import struct
+
+        self.where: dict[str, tuple] = {}
+        self.files = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open while loading
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            self.files[path] = f
+            for name, t in header.items():
+                if name != "__metadata__":
+                    self.where[name] = (path, t["dtype"], t["shape"], 8 + n + t["data_offsets"][0],
+                                        t["data_offsets"][1] - t["data_offsets"][0])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        path, dtype, shape, offset, nbytes = self.where[name]
+        if dtype not in _DTYPES:
+            raise UserError(f"{path}: tensor {name} has dtype {dtype}, which is not supported")
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        f = self.files[path]
+        f.seek(offset)
+        if f.readinto(out.numpy()) != nbytes:
+            raise UserError(f"{path} is truncated (reading {name}); download or convert it again")
+        return out.view(_DTYPES[dtype]).reshape(shape)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
+                   gpu_memory: int | None, reserve: int, dtype: torch.dtype,
+                   progress: Callable[[int, int], None] | None = None,
+                   trust_remote_code: bool = False):
+    """The target from a safetensors folder, placed within `gpu_memory` (see `plan_placement`)
+    layer by layer as it is read. Returns the model (eval mode)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True,
+                                            trust_remote_code=trust_remote_code)
+        with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                     trust_remote_code=trust_remote_code)
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - a broken or unknown config
+        raise UserError(f"cannot load model {folder}: {str(e).strip().splitlines()[0][:300]}") from e
+    model.eval()
+    try:
+        placement = plan_placement(model, device, quant, offload, gpu_memory, reserve, dtype=dtype)
+    except MemoryError as e:
+        raise UserError(str(e)) from e
+    reader = ShardReader(folder)
+    names = [n for n, _ in model.named_parameters()]
+    head = model.get_output_embeddings()
+    tied_head = {n for n, p in model.named_parameters() if head is not None and p is head.weight
+                 and getattr(config, "tie_word_embeddings", False)}  # tied to the embedding later
+
+    def fill(prefix: str | None) -> None:
+        wanted = [n for n in names if n.startswith(prefix)] if prefix else \
+                 [n for n in names if not n.startswith("model.layers.")]
+        for name in wanted:
+            if name in tied_head and name not in reader:
+                continue
+            if name not in reader:
+                raise UserError(f"{folder} lacks the weight {name}; is it a checkpoint of "
+                                f"this architecture ({config.model_type})?")
+            set_module_tensor_to_device(model, name, "cpu", value=reader.get(name), dtype=dtype)
+
+    try:
+        offload_model(model, device, placement, dtype, progress=progress, fill=fill)
+    finally:
+        reader.close()
+    return model
