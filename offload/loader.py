@@ -15,6 +15,7 @@ import torch
 from specexec_app.errors import UserError
 
 from .model import offload_model, plan_placement
+from .packed import PackedReader, is_packed
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -70,6 +71,12 @@ def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    packed = PackedReader(folder) if is_packed(folder) else None
+    if packed:  # quantized by `specexec quantize`: its bits and dtype hold
+        if quant not in (16, packed.quant):
+            raise UserError(f"{folder} is packed in {packed.quant} bits; --quant {quant} cannot "
+                            "apply (leave --quant out)")
+        quant, dtype = packed.quant, packed.dtype
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True,
                                             trust_remote_code=trust_remote_code)
@@ -103,7 +110,8 @@ def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
             set_module_tensor_to_device(model, name, "cpu", value=reader.get(name), dtype=dtype)
 
     try:
-        offload_model(model, device, placement, dtype, progress=progress, fill=fill)
+        offload_model(model, device, placement, dtype, progress=progress, fill=fill,
+                      read_packed=packed.read if packed else None)
     finally:
         reader.close()
     return model

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .store import pack_layer, roundtrip
+from .store import PackedLayer, pack_layer, roundtrip, unpack
 from .streamer import LayerStreamer
 
 
@@ -103,7 +103,8 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
 def offload_model(model, device: torch.device, placement: Placement,
                   dtype: torch.dtype | None = None, n_buffers: int = 2,
                   progress: Callable[[int, int], None] | None = None,
-                  fill: Callable[[str | None], None] | None = None):
+                  fill: Callable[[str | None], None] | None = None,
+                  read_packed: Callable[[int, bool], PackedLayer] | None = None):
     """Rebuild `model` in place: the first `placement.resident_layers` decoder layers and
     everything outside them move to `device`; the rest are packed into host buffers and streamed.
     With quantization, resident layers get the same decoded weights, so the whole model computes
@@ -112,13 +113,26 @@ def offload_model(model, device: torch.device, placement: Placement,
     The model is either loaded on the CPU, or (`fill` given) on the meta device: then
     `fill(prefix)` reads the weights under `prefix` ("model.layers.3.") into CPU memory just
     before that layer is placed, and `fill(None)` everything outside the decoder layers; one
-    layer at a time is held unpacked, so the model is never held twice. Returns the streamer
-    (None when nothing streams)."""
+    layer at a time is held unpacked, so the model is never held twice. With `read_packed(i,
+    pin)` (a pre-quantized checkpoint) layer i comes already packed: streamed as it is, or
+    decoded onto the device when resident. Returns the streamer (None when nothing streams)."""
     dtype = dtype or model.dtype
     layers = _layers(model)
     first = placement.resident_layers
     packed = []
     for i in range(len(layers)):
+        if read_packed:
+            layer_packed = read_packed(i, i >= first and device.type == "cuda")
+            if i >= first:
+                packed.append(layer_packed)
+            else:
+                from accelerate.utils import set_module_tensor_to_device
+
+                for name, t in unpack(layer_packed.entries, layer_packed.buffer).items():
+                    set_module_tensor_to_device(layers[i], name, device, value=t.clone())
+            if progress:
+                progress(i + 1, len(layers))
+            continue
         if fill:
             fill(f"model.layers.{i}.")
         if i < first:

@@ -444,6 +444,42 @@ def distill(
                       f"{finished.out})", soft_wrap=True)
 
 
+@app.command()
+def quantize(
+    out: Annotated[Path, typer.Option(help="Folder for the packed checkpoint (then used as --target OUT).")],
+    target: Annotated[str, typer.Option("--target", "-t", help="The target to pack: a preset or a safetensors folder.")] = "default",
+    quant: Annotated[int, typer.Option(help="8 (int8, a scale per row) or 4 (NF4).")] = 4,
+    dtype: Annotated[str, typer.Option(help="Dtype the weights decode to: bfloat16 or float16 (GPU), float32 (CPU).")] = "bfloat16",
+    trust_remote_code: TrustRemote = False,
+) -> None:
+    """Save a target pre-quantized, as the packed layers the streamer moves: it then loads with no
+    quantizing and no full-precision copy in RAM (`specexec run --target OUT`)."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from offload.packed import save_packed
+    from .models import check_checkpoint, resolve
+    from .presets import get_preset
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    with friendly_errors():
+        if dtype not in dtypes:
+            raise UserError(f"--dtype must be bfloat16, float16 or float32 (got {dtype})")
+        preset = get_preset(target)
+        src = resolve(preset.target if preset else target)
+        if src.gguf_file:
+            raise UserError(f"{target} is a GGUF file; quantize a safetensors folder")
+        check_checkpoint(Path(src.path))
+        with Progress(TextColumn("packing layers"), BarColumn(), MofNCompleteColumn(),
+                      console=err) as bar:
+            task = bar.add_task("layers", total=None)
+            save_packed(Path(src.path), out, quant, dtypes[dtype],
+                        progress=lambda done, total: bar.update(task, completed=done, total=total),
+                        trust_remote_code=trust_remote_code)
+        Console(highlight=False).print(f"wrote {out} ({quant}-bit, decodes to {dtype}); use it: "
+                                       f"specexec run --target {out}", soft_wrap=True)
+
+
 def main() -> None:
     app()
 

@@ -269,6 +269,11 @@ def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype | None
                                bnb_4bit_compute_dtype=dtype))
         kwargs["device_map"] = {"": device}
     if not src.gguf_file and Path(src.path).is_dir():
+        from offload.packed import is_packed
+
+        if is_packed(src.path):
+            raise UserError(f"{src.name} is a packed checkpoint (specexec quantize): it loads only "
+                            "as a target; a self-draft or draft needs the original checkpoint")
         check_checkpoint(Path(src.path))
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)

@@ -82,9 +82,10 @@ def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: i
     from offload import offload_model, plan_placement
     from offload.loader import load_offloaded
     from offload.model import describe
+    from offload.packed import is_packed
 
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    if offload == "never" and quant == 16:
+    if offload == "never" and quant == 16 and not is_packed(src.path):
         return load_model(src, dev, dtype=dtype, trust_remote_code=trust_remote_code)
     # KV caches and tree activations, and the draft when it shares the device.
     reserve = 2**30 + draft_bytes if dev.type == "cuda" else 0
@@ -94,7 +95,7 @@ def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: i
         model = load_offloaded(Path(src.path), dev, quant, offload, gpu_memory, reserve, dtype,
                                progress, trust_remote_code)
         placement = model._specexec_placement
-        if placement.streamed_layers == 0 and quant == 16:
+        if placement.streamed_layers == 0 and placement.quant == 16:
             model._specexec_placement = None  # all of it resident: nothing offloaded
         return model
     model = load_model(src, torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)

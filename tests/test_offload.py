@@ -165,3 +165,36 @@ def test_layer_by_layer_loading_never_holds_the_model_whole(source):
     packed = sum(layer.nbytes for layer in model._specexec_streamer.layers)
     fp32 = sum(p.numel() for p in model.model.layers[0].template.parameters()) * 4 * 30
     assert packed < fp32 / 6
+
+
+def test_a_packed_checkpoint_loads_without_quantizing(model, source, tokenizer, tmp_path):
+    """`specexec quantize` writes the packed layers; loading them (streamed, or decoded resident)
+    gives the model that quantizing on load gives, and a damaged layer file is named."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from offload.loader import load_offloaded
+    from specexec_app.cli import app
+    from specexec_app.errors import UserError
+
+    out = tmp_path / "packed"
+    result = CliRunner().invoke(app, ["quantize", "--out", str(out), "--quant", "4",
+                                      "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert sum(f.stat().st_size for f in (out / "layers").iterdir()) < 538e6 / 6
+    prompt = tokenizer("Packed once, loaded many times").input_ids
+    reference = copy.deepcopy(model)
+    for layer in reference.model.layers:
+        roundtrip(layer, 4, torch.float32)
+    want = logits_of(reference, prompt)
+    for offload, budget in (("always", None), ("always", parse_size("300MB"))):
+        loaded = load_offloaded(out, CPU, 16, offload, budget, 0, torch.float32)
+        assert loaded._specexec_placement.quant == 4
+        torch.testing.assert_close(logits_of(loaded, prompt), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="packed in 4 bits; --quant 8"):
+        load_offloaded(out, CPU, 8, "always", None, 0, torch.float32)
+    layer_file = out / "layers" / "00007.bin"
+    layer_file.write_bytes(layer_file.read_bytes()[:1000])
+    with pytest.raises(UserError, match="00007.bin holds 1000 of"):
+        load_offloaded(out, CPU, 16, "always", None, 0, torch.float32)
