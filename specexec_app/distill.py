@@ -334,6 +334,7 @@ def distill(target, tokenizer, stops: set[int], target_name: str, out: Path,
     if before is None:
         yield Progress("evaluating", 0, 1)
         before = evaluate(draft, data["held"], teacher, eval_t)
+        yield Progress("evaluating", 1, 1)
 
     def checkpoint() -> None:
         _save({"key": key, "step": step, "before": before, "losses": losses,
@@ -366,6 +367,7 @@ def distill(target, tokenizer, stops: set[int], target_name: str, out: Path,
     draft.eval()
     yield Progress("evaluating", 0, 1)
     after = evaluate(draft, data["held"], teacher, eval_t)
+    yield Progress("evaluating", 1, 1)
     report = {"target": target_name, "layers": s.layers, "initialized_from_target_layers": started_from,
               "mode": s.mode, "loss": "forward KL" if s.mode == "greedy" else f"TVD at T={s.temperature:g}",
               "steps": step, "train_answers": len(records), "train_answer_tokens": answer_tokens,

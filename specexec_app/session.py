@@ -91,7 +91,7 @@ def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: i
     reserve = 2**30 + draft_bytes if dev.type == "cuda" else 0
     if not src.gguf_file:
         check_checkpoint(Path(src.path))
-        status("placing the target layer by layer")
+        status(f"loading {src.name} layer by layer")
         model = load_offloaded(Path(src.path), dev, quant, offload, gpu_memory, reserve, dtype,
                                progress, trust_remote_code)
         placement = model._specexec_placement

@@ -29,9 +29,14 @@ def test_profile_measures_tunes_saves_and_run_uses_it(config, tmp_path):
     assert 0 < m["ram_free_gb"] <= m["ram_total_gb"] and m["disk_read_gb_s"] > 0
     assert data["target"]["parameters"] == 134515008  # SmolLM2-135M, counted from the checkpoint
     assert set(data["target"]["pass_ms"]) >= {"0", "1"}
-    budgets = [r["budget"] for r in data["calibration"]]
-    assert budgets == profile_candidates(__import__("torch").device("cpu"), True)
-    best = next(r for r in data["calibration"] if r["budget"] == data["choice"]["budget"])
+    # No draft named: the preset's (n-gram) and the distilled draft shipped for this target.
+    drafts = list(dict.fromkeys(r["draft"] for r in data["calibration"]))
+    assert drafts == ["ngram", "smollm2-distilled"]
+    for d in drafts:
+        budgets = [r["budget"] for r in data["calibration"] if r["draft"] == d]
+        assert budgets == profile_candidates(__import__("torch").device("cpu"), True)
+    best = next(r for r in data["calibration"] if r["budget"] == data["choice"]["budget"]
+                and r["draft"] == data["choice"]["draft"])
     assert best["tokens_per_s"] == max(r["tokens_per_s"] for r in data["calibration"])  # ties allowed
     assert data["choice"]["quant"] == 16
     assert data["choice"]["overlap"] is False  # on a CPU drafting and verifying share the cores
