@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--draft", default=str(SHIPPED_DRAFTS["smollm2-distilled"]),
                     help="the distilled draft folder")
     ap.add_argument("--budgets", default="4,16")
+    ap.add_argument("--drafts", default="ngram,distilled,first-layers,self-int8,self-nf4",
+                    help="which drafters to run (the target alone always runs, as the baseline)")
+    ap.add_argument("--modes", default="greedy,t0.6")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
@@ -68,13 +71,18 @@ def main() -> None:
     held = answer(model, [pipe.encode(p) for p in prompts], args.max_new_tokens,
                   tok.pad_token_id, stops, None, None)
 
+    wanted = args.drafts.split(",")
     distilled = load_draft(args.draft, model, cpu)
-    start, _ = make_draft(model, distilled.config.num_hidden_layers, cpu)
-    drafts = {"ngram": None, "distilled": distilled,
-              f"first-{distilled.config.num_hidden_layers}-layers": start,
-              "self-int8": load_model(src, cpu, quant="int8"),
-              "self-nf4": load_model(src, cpu, quant="nf4")}
-    modes = {"greedy": dict(temperature=0.0), "t0.6": dict(temperature=0.6, top_p=0.9, seed=0)}
+    n_layers = distilled.config.num_hidden_layers
+    makers = {"ngram": lambda: None, "distilled": lambda: distilled,
+              "first-layers": lambda: make_draft(model, n_layers, cpu)[0],
+              "self-int8": lambda: load_model(src, cpu, quant="int8"),
+              "self-nf4": lambda: load_model(src, cpu, quant="nf4")}
+    drafts = {(f"first-{n_layers}-layers" if k == "first-layers" else k): makers[k]()
+              for k in makers if k in wanted}
+    modes = {k: v for k, v in {"greedy": dict(temperature=0.0),
+                               "t0.6": dict(temperature=0.6, top_p=0.9, seed=0)}.items()
+             if k in args.modes.split(",")}
 
     rows = []
     base = {}

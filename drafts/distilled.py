@@ -59,17 +59,21 @@ def _plain(module: nn.Module) -> bool:
     return all(p.device.type != "meta" and p.dtype.is_floating_point for p in module.parameters())
 
 
+def check_layers(target, n_layers: int) -> None:
+    n_target = target.config.num_hidden_layers
+    if not 1 <= n_layers < n_target:
+        raise UserError(f"--layers must be between 1 and {n_target - 1} for this target "
+                        f"(got {n_layers})")
+
+
 def make_draft(target, n_layers: int, device: torch.device, dtype: torch.dtype = torch.float32):
     """A draft of `n_layers` decoder layers initialized from the target's first layers (random
     where a target layer is streamed or quantized), with the target's final norm, sharing
     the target's embedding and LM head. Returns (draft, the target layers it started from)."""
     from transformers import AutoModelForCausalLM
 
+    check_layers(target, n_layers)
     cfg = copy.deepcopy(target.config)
-    n_target = cfg.num_hidden_layers
-    if not 1 <= n_layers < n_target:
-        raise UserError(f"--layers must be between 1 and {n_target - 1} for this target "
-                        f"(got {n_layers})")
     cfg.num_hidden_layers = n_layers
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = cfg.layer_types[:n_layers]

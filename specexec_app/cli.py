@@ -48,7 +48,7 @@ def format_stats(stats) -> str:
 
 
 Target = Annotated[Optional[str], typer.Option("--target", "-t", show_default=False, help="Preset name (specexec models), model folder, .gguf file, or repo id in the local HF cache. Default: the profile's target, else 'default'.")]
-Draft = Annotated[Optional[str], typer.Option("--draft", "-d", show_default=False, help="'ngram', 'self-int8', 'self-nf4', a preset (its draft), or a draft model named like --target. Default: the profile's, else the preset's, else ngram.")]
+Draft = Annotated[Optional[str], typer.Option("--draft", "-d", show_default=False, help="'ngram', 'self-int8', 'self-nf4', 'smollm2-distilled', a preset (its draft), a folder from `specexec distill`, or a draft model named like --target. Default: the profile's, else the preset's, else ngram.")]
 Budget = Annotated[Optional[int], typer.Option(show_default=False, help="Draft tree nodes verified per target pass (>= 1). Default: the profile's, else the preset's.")]
 Temperature = Annotated[float, typer.Option(help="0 = greedy (exactly the target's greedy output).")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")]
@@ -309,7 +309,7 @@ def show_profile(out: Console, data: dict) -> None:
 @app.command()
 def models() -> None:
     """The presets, where each one's weights are looked for, and whether they are present."""
-    from .models import locate
+    from .models import SHIPPED_DRAFTS, locate
     from .presets import PRESETS_FILE, load_presets
     from .session import SELF_DRAFTS
 
@@ -328,6 +328,11 @@ def models() -> None:
             out.print(f"\n[bold]{p.name}[/]  {mark}  budget {p.budget}  [dim]{p.description}[/]", soft_wrap=True)
             out.print(f"  target {p.target}: {'' if ok else '[yellow]not found[/], looked in '}{where}", soft_wrap=True)
             out.print(f"  draft  {p.draft}: {'' if dok else '[yellow]not found[/], looked in '}{dwhere}", soft_wrap=True)
+        for name in SHIPPED_DRAFTS:
+            where, ok = locate(name)
+            mark = "[green]present[/]" if ok else "[yellow]missing[/]"
+            out.print(f"\n[bold]{name}[/]  {mark}  [dim]distilled draft shipped with specexec-app "
+                      f"(--draft {name})[/]\n  {where}", soft_wrap=True)
         out.print("\n[dim]Any local folder, .gguf file or repo id in the local Hugging Face cache also "
                   "works as --target / --draft. Nothing is downloaded.[/]", soft_wrap=True)
 

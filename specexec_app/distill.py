@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from drafts.distilled import embedding_probe, make_draft, own_state, save_draft
+from drafts.distilled import check_layers, embedding_probe, make_draft, own_state, save_draft
 
 from .errors import UserError
 from .tune import bench_prompts
@@ -287,16 +287,16 @@ def distill(target, tokenizer, stops: set[int], target_name: str, out: Path,
             s: DistillSettings, prompts_file: Path | None = None,
             fresh: bool = False) -> Iterator:
     """Distill a draft for `target` into `out`; yields Progress, Note, then Finished."""
-    n_target = target.config.num_hidden_layers
-    if not 1 <= s.layers < n_target:
-        raise UserError(f"--layers must be between 1 and {n_target - 1} for this target "
-                        f"(got {s.layers})")
+    check_layers(target, s.layers)  # before any data is made
     out = Path(out)
     work = out / WORK
-    if fresh and work.exists():
-        for f in work.iterdir():
-            f.unlink()
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        if fresh and work.exists():
+            for f in work.iterdir():
+                f.unlink()
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use {out} as the output folder: {e.strerror}") from e
     random.seed(s.seed)
     torch.manual_seed(s.seed)
     train, held = prompt_sets(prompts_file, s.heldout)
