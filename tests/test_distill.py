@@ -77,7 +77,7 @@ def test_distilled_draft_decodes_exactly(distilled, model, tokenizer, chat_ids):
     assert draft.get_input_embeddings().weight is model.get_input_embeddings().weight  # shared
     ids, stops = chat_ids(PROMPTS[1]), stop_ids(tokenizer, model)
     drafter = ModelDrafter(draft, model.config.vocab_size, stop_ids=frozenset(stops))
-    done = run(model, drafter, ids, stops, tokenizer, budget=16)
+    done = run(model, drafter, ids, stops, tokenizer, budget=4)
     assert_same_greedy(model, ids, done.token_ids, reference(model, ids, stops))
 
 
