@@ -53,21 +53,27 @@ def save_packed(src: Path, out: Path, quant: int, dtype: torch.dtype,
 
     if quant not in (4, 8):
         raise UserError(f"--quant must be 8 or 4 for a packed checkpoint (got {quant})")
+    if is_packed(src):
+        raise UserError(f"{src} is already packed; quantize the original checkpoint")
     config = AutoConfig.from_pretrained(src, local_files_only=True,
                                         trust_remote_code=trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
     reader = ShardReader(src)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "layers").mkdir(exist_ok=True)
+    try:
+        (out / "layers").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror}") from e
     layers_meta = []
     n = len(model.model.layers)
     try:
         for i, layer in enumerate(model.model.layers):
             for name, _ in layer.named_parameters():
-                set_module_tensor_to_device(layer, name, "cpu",
-                                            value=reader.get(f"model.layers.{i}.{name}"), dtype=dtype)
+                full = f"model.layers.{i}.{name}"
+                if full not in reader:
+                    raise UserError(f"{src} lacks the weight {full}")
+                set_module_tensor_to_device(layer, name, "cpu", value=reader.get(full), dtype=dtype)
             packed = pack_layer(layer, quant, dtype)
             tmp = out / "layers" / f"{i:05d}.tmp"
             packed.buffer.numpy().tofile(tmp)

@@ -360,6 +360,7 @@ def other_drafts(pipe, dev: torch.device, gpu_memory: str | None) -> list[str]:
     this target, and, for a target that streams through a GPU, its NF4 copy (SubSpec's quantized
     self-draft) when that copy takes at most half of the GPU memory budget."""
     from drafts.distilled import made_for
+    from offload.packed import is_packed
 
     from .models import SHIPPED_DRAFTS, draft_gpu_bytes
     from .settings import parse_size
@@ -367,7 +368,8 @@ def other_drafts(pipe, dev: torch.device, gpu_memory: str | None) -> list[str]:
     out = [name for name, folder in SHIPPED_DRAFTS.items()
            if name != pipe.draft_name and made_for(folder, pipe.target.model)]
     p = pipe.target.placement
-    if dev.type == "cuda" and p is not None and p.streamed_layers and pipe.draft_name != "self-nf4":
+    if (dev.type == "cuda" and p is not None and p.streamed_layers and pipe.draft_name != "self-nf4"
+            and not is_packed(pipe.source.path)):  # a packed target has no weights to copy
         budget = parse_size(gpu_memory) if gpu_memory else torch.cuda.get_device_properties(dev).total_memory
         if draft_gpu_bytes("self-nf4", pipe.source, None) <= budget / 2:
             out.append("self-nf4")

@@ -104,7 +104,7 @@ def test_sampling_with_overlap_follows_the_target_distribution(model, tokenizer)
             tree.add(b, node, float(p1[a] * p2[i, b]))
     drafter = LateDrafter(ids, tree)
     target = Target(model)
-    n, counts, reused = 300, {}, 0
+    n, counts, reused = 200, {}, 0
     for seed in range(n):
         drafter.reset()
         done = list(engine.generate(target, drafter, ids,
