@@ -197,6 +197,11 @@ def chat(
     from .settings import DecodeSettings
 
     out = Console(highlight=False)
+    import signal
+
+    # Ctrl+C must reach the REPL even when the shell that started us ignored SIGINT (a job started
+    # in the background by a script): Python leaves an ignored SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with friendly_errors():
         settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature,
                                   top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
