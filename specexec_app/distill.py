@@ -34,6 +34,7 @@ import torch
 from drafts.distilled import check_layers, embedding_probe, make_draft, own_state, save_draft
 
 from .errors import UserError
+from .lm import model_device
 from .tune import bench_prompts
 
 WORK = ".distill"
@@ -128,15 +129,11 @@ def _encode(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt).input_ids
 
 
-def _device(model) -> torch.device:
-    return next(p for p in model.parameters() if p.device.type != "meta").device
-
-
 def answer(target, prompts: list[list[int]], max_new: int, pad_id: int, stops: set[int],
            temperature: float | None, top_k: int | None):
     """The target's answers to a batch of prompts (greedy when `temperature` is None), and for
     each its top-k logits, logsumexp and logsumexp at the temperature per answer position."""
-    dev = _device(target)
+    dev = model_device(target)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -215,7 +212,7 @@ def make_data(target, tokenizer, stops: set[int], train: list[str], held: list[s
 
 def _answer_hidden(model, records: list[dict]) -> torch.Tensor:
     """Final hidden states at the positions that predict each record's answer tokens [N, H]."""
-    dev = _device(model)
+    dev = model_device(model)
     width = max(len(r["ids"]) for r in records)
     ids = torch.zeros((len(records), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -308,7 +305,7 @@ def distill(target, tokenizer, stops: set[int], target_name: str, out: Path,
     yield Note(f"{len(records)} target answers, {answer_tokens} answer tokens; "
                f"{len(data['held'])} held-out prompts")
 
-    dev = _device(target)
+    dev = model_device(target)
     draft, started_from = make_draft(target, s.layers, dev)
     params = list(own_state(draft).values())
     optim = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)

@@ -9,7 +9,9 @@ from .tree import Tree, tree_inputs
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model computes: the device of its first parameter that is not on the meta device
+    (the templates of streamed layers are)."""
+    return next(p for p in model.parameters() if p.device.type != "meta").device
 
 
 def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree) -> torch.Tensor:
