@@ -8,6 +8,11 @@ and the per-layer figures are scaled to the real depth (said in the output).
 
     python benchmarks/offload_bench.py --shape llama-2-70b --layers 8 --out bench-out
     python benchmarks/offload_bench.py --shape tiny --device cpu      # a logic check on CPU
+
+With `--disk DIR` the same model is also written to DIR (16-bit safetensors, and 4-bit packed by
+`specexec quantize`'s writer) and streamed from there (`--offload disk`): every pass reads the
+layers from the files, through the pinned staging ring; the cold read speed of the files is the
+peak to compare with.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from offload import offload_model, plan_placement
+from offload.loader import load_offloaded
 from offload.model import describe
+from offload.packed import save_packed
 from specexec_app.kvcache import TokenCache
 from specexec_app.lm import forward_tree
 from specexec_app.tree import chain
-from specexec_app.tune import host_to_device_gb_s
+from specexec_app.tune import disk_read_gb_s, host_to_device_gb_s
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, layers, vocab
     "llama-2-70b": (8192, 28672, 64, 8, 80, 32000),
@@ -72,6 +79,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-accelerate", action="store_true")
+    ap.add_argument("--disk", type=Path, default=None,
+                    help="also stream from files written to this folder (needs room for them)")
+    ap.add_argument("--disk-sizes", default="1,2048")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -131,10 +141,49 @@ def main() -> None:
             print(f"accelerate tree {n:>5}: {s / args.layers * 1000:7.2f} ms/layer", flush=True)
         result["accelerate_16bit"] = rows
 
+    if args.disk:
+        bench_disk(args, device, dtype, result)
+
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"offload_{args.shape}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
+
+
+def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> None:
+    import os
+
+    model, real_layers = build(args.shape, args.layers, dtype)
+    plain, packed = args.disk / f"{args.shape}-16bit", args.disk / f"{args.shape}-4bit"
+    print(f"writing {plain} and {packed}", flush=True)
+    model.save_pretrained(plain, safe_serialization=True)
+    save_packed(plain, packed, 4, dtype)
+    p16 = plan_placement(model, device, 16, offload="disk", gpu_memory=None, dtype=dtype)
+    del model
+    os.sync()  # written pages are clean: the streamer's reads can drop them from the page cache
+    for quant, folder in ((16, plain), (4, packed)):
+        peak, cold = disk_read_gb_s(folder / "layers" if quant == 4 else folder, limit=8 * 2**30)
+        # A budget that keeps no decoder layer resident: all of them stream from the files.
+        budget = p16.fixed_bytes + 2**30 + 3 * p16.packed_layer_bytes if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        loaded = load_offloaded(folder, device, 16, "disk", budget, 0, dtype)
+        streamer, placement = loaded._specexec_streamer, loaded._specexec_placement
+        rows = []
+        for n in [int(x) for x in args.disk_sizes.split(",")]:
+            before = streamer.bytes_streamed
+            s = time_pass(loaded, n, device, args.repeats)
+            gbps = (streamer.bytes_streamed - before) / (args.repeats + 1) / s / 1e9
+            rows.append(dict(tree=n, pass_s_timed=s, layer_ms=s / placement.streamed_layers * 1000,
+                             GBps=gbps, fraction_of_disk_peak=gbps / peak if peak else None))
+            print(f"disk {quant:>2}-bit tree {n:>5}: {s / placement.streamed_layers * 1000:7.2f} "
+                  f"ms/layer, {gbps:.2f} GB/s read (files read {'cold' if cold else 'maybe cached'}"
+                  f" at {peak:.2f} GB/s)", flush=True)
+        result[f"disk_{quant}bit"] = dict(
+            placement=describe(placement), disk_read_GBps=peak, cold=cold, rows=rows,
+            peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            rss_bytes=psutil.Process().memory_info().rss)
+        del loaded, streamer
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from specexec_app.errors import UserError
 
 from .model import offload_model, plan_placement
 from .packed import PackedReader, is_packed
+from .store import _ALIGN, DiskLayer, Entry
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -56,6 +57,20 @@ class ShardReader:
             raise UserError(f"{path} is truncated (reading {name}); download or convert it again")
         return out.view(_DTYPES[dtype]).reshape(shape)
 
+    def disk_layer(self, prefix: str, names: list[str], dtype: torch.dtype) -> DiskLayer:
+        """Where the tensors `prefix + name` lie in the files, as a layer to read on every pass
+        (in the checkpoint's dtype, cast to `dtype` on the compute device)."""
+        entries, segments, at = [], [], 0
+        for name in names:
+            path, dt, shape, offset, nbytes = self.where[prefix + name]
+            if dt not in _DTYPES:
+                raise UserError(f"{path}: tensor {prefix + name} has dtype {dt}, which is not supported")
+            entries.append(Entry(name, tuple(shape), dtype, "raw",
+                                 ((at, nbytes, _DTYPES[dt], tuple(shape)),)))
+            segments.append((str(path), offset, nbytes, at))
+            at += -(-nbytes // _ALIGN) * _ALIGN
+        return DiskLayer(entries, at, tuple(segments))
+
     def close(self) -> None:
         for f in self.files.values():
             f.close()
@@ -64,9 +79,11 @@ class ShardReader:
 def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
                    gpu_memory: int | None, reserve: int, dtype: torch.dtype,
                    progress: Callable[[int, int], None] | None = None,
-                   trust_remote_code: bool = False):
-    """The target from a safetensors folder, placed within `gpu_memory` (see `plan_placement`)
-    layer by layer as it is read. Returns the model (eval mode)."""
+                   trust_remote_code: bool = False, ram_free: int | None = None):
+    """The target from a safetensors folder, placed within `gpu_memory` and `ram_free` (see
+    `plan_placement`) layer by layer as it is read. Layers streamed from disk are read in place
+    on every pass: 16-bit ones from the safetensors files, quantized ones from a folder that
+    `specexec quantize` wrote. Returns the model (eval mode)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -89,7 +106,9 @@ def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
         raise UserError(f"cannot load model {folder}: {str(e).strip().splitlines()[0][:300]}") from e
     model.eval()
     try:
-        placement = plan_placement(model, device, quant, offload, gpu_memory, reserve, dtype=dtype)
+        placement = plan_placement(model, device, quant, offload, gpu_memory, reserve, dtype=dtype,
+                                   ram_free=ram_free,
+                                   can_stream_from_disk=bool(packed) or quant == 16)
     except MemoryError as e:
         raise UserError(str(e)) from e
     reader = ShardReader(folder)
@@ -109,9 +128,20 @@ def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
                                 f"this architecture ({config.model_type})?")
             set_module_tensor_to_device(model, name, "cpu", value=reader.get(name), dtype=dtype)
 
+    def disk_layer(i: int) -> DiskLayer:
+        if packed:
+            return packed.disk_layer(i)
+        prefix = f"model.layers.{i}."
+        layer_names = [n[len(prefix):] for n in names if n.startswith(prefix)]
+        missing = [n for n in layer_names if prefix + n not in reader]
+        if missing:
+            raise UserError(f"{folder} lacks the weight {prefix + missing[0]}; is it a checkpoint "
+                            f"of this architecture ({config.model_type})?")
+        return reader.disk_layer(prefix, layer_names, dtype)
+
     try:
         offload_model(model, device, placement, dtype, progress=progress, fill=fill,
-                      read_packed=packed.read if packed else None)
+                      read_packed=packed.read if packed else None, disk_layer=disk_layer)
     finally:
         reader.close()
     return model

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .store import PackedLayer, pack_layer, roundtrip, unpack
+from .store import DiskLayer, PackedLayer, pack_layer, roundtrip, unpack
 from .streamer import LayerStreamer
 
 
@@ -22,6 +22,7 @@ class Placement:
     packed_layer_bytes: int  # one layer as it crosses the bus
     fixed_bytes: int        # embeddings, final norm, LM head
     budget_bytes: int | None
+    source: str = "ram"     # where streamed layers live between passes: "ram" or "disk"
 
 
 class StreamedLayer(nn.Module):
@@ -69,24 +70,40 @@ def _packed_bytes(layer: nn.Module, quant: int, dtype: torch.dtype) -> int:
     return total
 
 
+RAM_MARGIN = 2 * 2**30  # host RAM left to the OS, the draft and the KV caches
+
+
 def plan_placement(model, device: torch.device, quant: int = 16, offload: str = "auto",
                    gpu_memory: int | None = None, reserve: int = 0, n_buffers: int = 2,
-                   dtype: torch.dtype | None = None) -> Placement:
+                   dtype: torch.dtype | None = None, ram_free: int | None = None,
+                   can_stream_from_disk: bool = True) -> Placement:
     """How many decoder layers stay resident within `gpu_memory` (default: the device's free
     memory), after the embeddings, norm and head, `reserve` bytes (draft model, KV caches, tree
-    activations) and the streaming buffers."""
+    activations) and the streaming buffers; and where the streamed ones live: in host RAM, or
+    (`offload="disk"`, or "auto" when they do not fit `ram_free`) on disk, read on every pass.
+    On a CPU the device is the host: "auto" keeps what fits RAM and streams the rest from disk."""
     dtype = dtype or model.dtype
     layers = _layers(model)
     n = len(layers)
     layer_bytes = _bytes(layers[0], dtype)
     packed = _packed_bytes(layers[0], quant, dtype)
     fixed = _bytes(model, dtype) - layer_bytes * n
+    if ram_free is None:
+        import psutil
+
+        ram_free = psutil.virtual_memory().available
+    ram_room = ram_free - RAM_MARGIN
     if gpu_memory is None and device.type == "cuda":
         gpu_memory = torch.cuda.mem_get_info(device)[0]
     if offload == "never":
         resident = n
-    elif gpu_memory is None:  # CPU compute: nothing to save unless streaming is forced
-        resident = 0 if offload == "always" else n
+    elif gpu_memory is None:  # CPU compute: the layers "resident" are those held in RAM
+        if offload in ("always", "disk"):
+            resident = 0
+        elif fixed + n * layer_bytes <= ram_room:
+            resident = n
+        else:
+            resident = max(0, min(n - 1, (ram_room - fixed - n_buffers * packed) // layer_bytes))
     else:
         room = gpu_memory - fixed - reserve - n_buffers * packed
         if room < 0:
@@ -94,17 +111,33 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
             raise MemoryError(f"the GPU memory budget ({gpu_memory / 2**30:.1f} GiB) is below the "
                               f"{need:.1f} GiB that embeddings, head, buffers and reserve need")
         resident = n if fixed + reserve + n * layer_bytes <= gpu_memory else min(n, room // layer_bytes)
-        if offload == "always":
+        if offload in ("always", "disk"):
             resident = min(resident, n - 1)
     resident = max(0, min(n, int(resident)))
-    return Placement(resident, n - resident, quant, layer_bytes, packed, fixed, gpu_memory)
+    streamed = n - resident
+    in_ram = fixed + resident * layer_bytes if device.type == "cpu" else 0  # the host's own share
+    source = "ram"
+    if offload == "disk" or (offload == "auto" and streamed and
+                             in_ram + streamed * packed > ram_room):
+        source = "disk"
+    if source == "disk" and not can_stream_from_disk and offload == "disk":
+        raise MemoryError(f"this checkpoint cannot stream from disk at {quant} bits: save it with "
+                          f"`specexec quantize --quant {quant}` and stream that folder, or use 16 "
+                          "bits from a safetensors folder")
+    if source == "disk" and not can_stream_from_disk:
+        raise MemoryError(f"the {streamed} streamed layers need {streamed * packed / 2**30:.1f} GiB "
+                          f"of RAM and {max(0, ram_room) / 2**30:.1f} GiB are free, and this "
+                          "checkpoint cannot stream from disk at these bits: save it with "
+                          "`specexec quantize` (or use 16 bits from a safetensors folder)")
+    return Placement(resident, streamed, quant, layer_bytes, packed, fixed, gpu_memory, source)
 
 
 def offload_model(model, device: torch.device, placement: Placement,
                   dtype: torch.dtype | None = None, n_buffers: int = 2,
                   progress: Callable[[int, int], None] | None = None,
                   fill: Callable[[str | None], None] | None = None,
-                  read_packed: Callable[[int, bool], PackedLayer] | None = None):
+                  read_packed: Callable[[int, bool], PackedLayer] | None = None,
+                  disk_layer: Callable[[int], DiskLayer] | None = None):
     """Rebuild `model` in place: the first `placement.resident_layers` decoder layers and
     everything outside them move to `device`; the rest are packed into host buffers and streamed.
     With quantization, resident layers get the same decoded weights, so the whole model computes
@@ -115,12 +148,22 @@ def offload_model(model, device: torch.device, placement: Placement,
     before that layer is placed, and `fill(None)` everything outside the decoder layers; one
     layer at a time is held unpacked, so the model is never held twice. With `read_packed(i,
     pin)` (a pre-quantized checkpoint) layer i comes already packed: streamed as it is, or
-    decoded onto the device when resident. Returns the streamer (None when nothing streams)."""
+    decoded onto the device when resident. When `placement.source` is "disk", `disk_layer(i)`
+    says where streamed layer i lies on disk; it is not read now (its parameters stay on the meta
+    device) but on every pass. Returns the streamer (None when nothing streams)."""
     dtype = dtype or model.dtype
     layers = _layers(model)
     first = placement.resident_layers
+    if placement.source == "disk" and disk_layer is None:
+        raise ValueError("streaming from disk needs disk_layer")
     packed = []
     for i in range(len(layers)):
+        if i >= first and placement.source == "disk":
+            packed.append(disk_layer(i))
+            layers[i].to_empty(device="meta")
+            if progress:
+                progress(i + 1, len(layers))
+            continue
         if read_packed:
             layer_packed = read_packed(i, i >= first and device.type == "cuda")
             if i >= first:
@@ -173,5 +216,7 @@ def offload_model(model, device: torch.device, placement: Placement,
 def describe(p: Placement) -> str:
     gib = 2**30
     budget = f"{p.budget_bytes / gib:.1f} GiB budget, " if p.budget_bytes else ""
-    return (f"{p.resident_layers} resident + {p.streamed_layers} streamed layers, {p.quant}-bit "
-            f"({budget}{p.packed_layer_bytes / gib * 1024:.0f} MiB per streamed layer)")
+    source = " from disk" if p.source == "disk" and p.streamed_layers else ""
+    return (f"{p.resident_layers} resident + {p.streamed_layers} streamed layers{source}, "
+            f"{p.quant}-bit ({budget}{p.packed_layer_bytes / gib * 1024:.0f} MiB per streamed "
+            "layer)")

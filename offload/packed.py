@@ -18,7 +18,7 @@ import torch
 
 from specexec_app.errors import UserError
 
-from .store import Entry, PackedLayer, pack_layer
+from .store import DiskLayer, Entry, PackedLayer, pack_layer
 
 META_FILE = "specexec_packed.json"
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -126,3 +126,7 @@ class PackedReader:
             if f.readinto(buffer.numpy()) != nbytes:
                 raise UserError(f"{self._path(i)} is truncated; quantize the model again")
         return PackedLayer(buffer, entries)
+
+    def disk_layer(self, i: int) -> DiskLayer:
+        nbytes, entries = self.layers[i]
+        return DiskLayer(entries, nbytes, ((str(self._path(i)), 0, nbytes, 0),))

@@ -7,6 +7,7 @@ compute device: 8-bit as int8 with a float32 scale per output row, 4-bit as bits
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,36 @@ class PackedLayer:
     @property
     def nbytes(self) -> int:
         return self.buffer.numel()
+
+
+@dataclass
+class DiskLayer:
+    """A streamed layer left on disk: `segments` (file, file offset, bytes, buffer offset) fill a
+    buffer laid out like `entries`, read again on every pass through a staging buffer."""
+    entries: list[Entry]
+    nbytes: int
+    segments: tuple[tuple[str, int, int, int], ...]
+
+    def read_into(self, buffer: torch.Tensor) -> None:
+        """Plain positioned reads (thread-safe, no memory map), then the pages are dropped from the
+        page cache: the layer is read from the disk on the next pass, not held twice in RAM."""
+        fds = {}
+        try:
+            for path, offset, nbytes, at in self.segments:
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_RDONLY)
+                view, done = buffer[at:at + nbytes].numpy(), 0
+                while done < nbytes:  # one read returns at most ~2 GiB on Linux
+                    got = os.preadv(fds[path], [view[done:]], offset + done)
+                    if got <= 0:
+                        raise OSError(f"{path} is truncated (at byte {offset + done}); "
+                                      "download or convert it again")
+                    done += got
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fds[path], offset, nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
 
 def _parts(t: torch.Tensor, quant: int, name: str) -> tuple[str, list[torch.Tensor]]:
@@ -87,8 +118,8 @@ def unpack(entries: list[Entry], buffer: torch.Tensor) -> dict[str, torch.Tensor
     out = {}
     for e in entries:
         parts = [_view(buffer, p) for p in e.parts]
-        if e.kind == "raw":
-            out[e.name] = parts[0]
+        if e.kind == "raw":  # a layer read from disk keeps the checkpoint's dtype: cast here
+            out[e.name] = parts[0] if parts[0].dtype == e.dtype else parts[0].to(e.dtype)
         elif e.kind == "int8":
             q, scale = parts
             out[e.name] = (q.to(e.dtype) * scale.to(e.dtype))

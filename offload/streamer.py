@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 
-from .store import PackedLayer, unpack
+from specexec_app.errors import UserError
+
+from .store import DiskLayer, PackedLayer, unpack
 
 
 class LayerStreamer:
@@ -14,23 +19,43 @@ class LayerStreamer:
     layers i+1 .. i+n-1 copy. After the last layer the first ones of the next pass are fetched,
     so they arrive while the draft grows its tree.
 
-    On a CPU compute device there is no bus to cross: layers are read in place from host RAM.
+    Layers left on disk (`DiskLayer`) are read by one reader thread, in order, into a ring of
+    `n_staging` pinned host buffers, and copied from there on the copy stream; a staging buffer is
+    reused once the copy out of it has completed (its `staged` event). Reads run ahead of compute
+    as far as the device buffers allow, so the disk, the bus and the GPU work at once.
+
+    On a CPU compute device there is no bus to cross: layers in RAM are read in place; layers on
+    disk are read into the host buffers, one layer ahead of compute.
     """
 
-    def __init__(self, layers: list[PackedLayer], device: torch.device, n_buffers: int = 2):
+    def __init__(self, layers: list[PackedLayer | DiskLayer], device: torch.device,
+                 n_buffers: int = 2, n_staging: int = 2):
         self.layers = layers
         self.device = device
         self.n_buffers = max(1, min(n_buffers, len(layers)))
         self.bytes_streamed = 0
-        self.streaming = device.type == "cuda" and bool(layers)
-        if self.streaming:
-            size = max(layer.nbytes for layer in layers)
-            self.buffers = [torch.empty(size, dtype=torch.uint8, device=device)
-                            for _ in range(self.n_buffers)]
+        self.cuda = device.type == "cuda"
+        self.on_disk = any(isinstance(layer, DiskLayer) for layer in layers)
+        self.streaming = bool(layers) and (self.cuda or self.on_disk)
+        if not self.streaming:
+            return
+        size = max(layer.nbytes for layer in layers)
+        self.buffers = [torch.empty(size, dtype=torch.uint8, device=device)
+                        for _ in range(self.n_buffers)]
+        self.holds = [-1] * self.n_buffers  # the layer whose fetch was issued into each buffer
+        if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             self.copied = [torch.cuda.Event() for _ in range(self.n_buffers)]
             self.freed = [torch.cuda.Event() for _ in range(self.n_buffers)]
-            self.holds = [-1] * self.n_buffers  # the layer whose copy was issued into each buffer
+        if self.on_disk:
+            self.pending: list[Future | None] = [None] * self.n_buffers
+            self.reader = ThreadPoolExecutor(1, thread_name_prefix="specexec-disk")
+            weakref.finalize(self, self.reader.shutdown, wait=False)
+            if self.cuda:
+                self.staging = [torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                                for _ in range(n_staging)]
+                self.staged = [torch.cuda.Event() for _ in range(n_staging)]
+                self.next_staging = 0  # touched by the reader thread only
 
     def _slot(self, i: int) -> int:
         return i % self.n_buffers
@@ -38,30 +63,59 @@ class LayerStreamer:
     def prefetch(self, i: int) -> None:
         if not self.streaming or i >= len(self.layers) or self.holds[self._slot(i)] == i:
             return
-        s, host = self._slot(i), self.layers[i].buffer
+        s, layer = self._slot(i), self.layers[i]
+        self.holds[s] = i
+        self.bytes_streamed += layer.nbytes
+        if self.on_disk:
+            self.pending[s] = self.reader.submit(self._read, layer, s)
+            return
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.freed[s])
-            self.buffers[s][: host.numel()].copy_(host, non_blocking=True)
+            self.buffers[s][: layer.nbytes].copy_(layer.buffer, non_blocking=True)
             self.copied[s].record(self.copy_stream)
-        self.holds[s] = i
-        self.bytes_streamed += host.numel()
+
+    def _read(self, layer: DiskLayer, s: int) -> None:
+        """On the reader thread: the layer from disk into buffer `s` (through staging on CUDA).
+        Buffer `s` is free on the host side: its previous layer was released before this read
+        was queued (see `acquire`), and on CUDA the copy waits for `freed[s]`."""
+        if not self.cuda:
+            layer.read_into(self.buffers[s])
+            return
+        t = self.next_staging
+        self.next_staging = (t + 1) % len(self.staging)
+        self.staged[t].synchronize()  # the copy out of this staging buffer has completed
+        layer.read_into(self.staging[t])
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.freed[s])
+            self.buffers[s][: layer.nbytes].copy_(self.staging[t][: layer.nbytes], non_blocking=True)
+            self.copied[s].record(self.copy_stream)
+            self.staged[t].record(self.copy_stream)
 
     def acquire(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's parameters on the compute device, ready for kernels on the current stream."""
         layer = self.layers[i]
         if not self.streaming:
             return unpack(layer.entries, layer.buffer)
+        s = self._slot(i)
         self.prefetch(i)
-        torch.cuda.current_stream(self.device).wait_event(self.copied[self._slot(i)])
+        if self.on_disk:
+            try:
+                self.pending[s].result()
+            except OSError as e:
+                self.holds[s] = -1
+                raise UserError(str(e)) from e
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.copied[s])
         for j in range(i + 1, i + self.n_buffers):
             self.prefetch(j)
-        return unpack(layer.entries, self.buffers[self._slot(i)])
+        return unpack(layer.entries, self.buffers[s])
 
     def release(self, i: int) -> None:
         """Compute has queued all its reads of layer i's buffer."""
         if not self.streaming:
             return
-        self.freed[self._slot(i)].record(torch.cuda.current_stream(self.device))
+        if self.cuda:
+            self.freed[self._slot(i)].record(torch.cuda.current_stream(self.device))
         if i == len(self.layers) - 1:  # the next pass starts from the first streamed layers
             for j in range(self.n_buffers):
                 self.prefetch(j)

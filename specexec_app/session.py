@@ -98,9 +98,13 @@ def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: i
         if placement.streamed_layers == 0 and placement.quant == 16:
             model._specexec_placement = None  # all of it resident: nothing offloaded
         return model
+    if offload == "disk":
+        raise UserError(f"{src.name} is a GGUF file, which cannot stream from disk; convert it to "
+                        "safetensors (or `specexec quantize` a safetensors folder)")
     model = load_model(src, torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
-    try:
-        placement = plan_placement(model, dev, quant, offload, gpu_memory, reserve)
+    try:  # already whole in RAM: the RAM left does not limit the placement
+        placement = plan_placement(model, dev, quant, offload, gpu_memory, reserve,
+                                   ram_free=1 << 62, can_stream_from_disk=False)
     except MemoryError as e:
         raise UserError(str(e)) from e
     if placement.streamed_layers == 0 and quant == 16:
@@ -116,8 +120,8 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
           progress: Progress | None = None) -> Pipeline:
     """The pipeline for a target and draft named by the user. `drafter_device` (auto, gpu, cpu)
     places a draft model; `progress(done, total)` follows the packing of streamed layers."""
-    if offload not in ("auto", "always", "never"):
-        raise UserError(f"--offload must be auto, always or never (got {offload})")
+    if offload not in ("auto", "always", "never", "disk"):
+        raise UserError(f"--offload must be auto, always, disk or never (got {offload})")
     if quant not in (16, 8, 4):
         raise UserError(f"--quant must be 16, 8 or 4 (got {quant})")
     budget = 32

@@ -114,7 +114,8 @@ def test_offloaded_4bit_run_reports_its_placement():
 
 @pytest.mark.parametrize("args, needle", [
     (["hi", "--quant", "3"], "--quant must be 16, 8 or 4"),
-    (["hi", "--offload", "maybe"], "--offload must be auto, always or never"),
+    (["hi", "--offload", "maybe"], "--offload must be auto, always, disk or never"),
+    (["hi", "--offload", "disk", "--quant", "4"], "cannot stream from disk at 4 bits"),
     (["hi", "--gpu-memory", "lots"], "cannot read the size 'lots'"),
 ])
 def test_bad_offload_options(args, needle):

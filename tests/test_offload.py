@@ -198,3 +198,71 @@ def test_a_packed_checkpoint_loads_without_quantizing(model, source, tokenizer, 
     layer_file.write_bytes(layer_file.read_bytes()[:1000])
     with pytest.raises(UserError, match="00007.bin holds 1000 of"):
         load_offloaded(out, CPU, 16, "always", None, 0, torch.float32)
+
+
+@pytest.mark.parametrize("packed_bits", [None, 4])
+def test_streaming_from_disk_reads_each_pass_and_computes_the_same(model, source, tokenizer,
+                                                                   tmp_path, packed_bits):
+    """`--offload disk`: streamed layers stay in their files (16-bit safetensors, or a folder
+    from `specexec quantize`) and are read again on every pass, a layer ahead of compute; the
+    logits are those of the model in RAM, and greedy SpecExec gives the target's own tokens."""
+    from pathlib import Path
+
+    from offload.loader import load_offloaded
+    from offload.store import DiskLayer
+
+    folder, reference = Path(source.path), copy.deepcopy(model)
+    if packed_bits:
+        from offload.packed import save_packed
+
+        folder = tmp_path / "packed"
+        save_packed(Path(source.path), folder, packed_bits, torch.float32)
+        for layer in reference.model.layers:
+            roundtrip(layer, packed_bits, torch.float32)
+    loaded = load_offloaded(folder, CPU, 16, "disk", None, 0, torch.float32)
+    placement, streamer = loaded._specexec_placement, loaded._specexec_streamer
+    assert placement.source == "disk" and placement.streamed_layers == 30
+    assert all(isinstance(layer, DiskLayer) for layer in streamer.layers)
+    assert all(p.device.type == "meta" for p in loaded.model.layers[3].template.parameters())
+    prompt = tokenizer("Read from the disk on every pass").input_ids
+    read = []
+    for _ in range(2):  # the second pass reads the files again
+        torch.testing.assert_close(logits_of(loaded, prompt), logits_of(reference, prompt),
+                                   rtol=1e-4, atol=1e-4)
+        read.append(streamer.bytes_streamed)
+    assert read[1] - read[0] == sum(layer.nbytes for layer in streamer.layers)
+    if packed_bits:  # a layer file cut short while the model runs: a one-line error, not a crash
+        from specexec_app.errors import UserError
+
+        layer_file = folder / "layers" / "00007.bin"
+        layer_file.write_bytes(layer_file.read_bytes()[:1000])
+        with pytest.raises(UserError, match="00007.bin is truncated"):
+            logits_of(loaded, prompt)
+        return
+    ids = tokenizer("The capital of France is").input_ids
+    with torch.no_grad():
+        want = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    done = list(engine.generate(Target(loaded), NgramDrafter(), ids,
+                                DecodeSettings(budget=16, max_new_tokens=16), tokenizer, set()))[-1]
+    assert done.token_ids == want
+
+
+def test_placement_streams_from_disk_when_ram_is_short(model):
+    """`auto` keeps streamed layers in RAM while they fit, else reads them from disk; on a CPU
+    it keeps the layers that fit RAM and streams the rest; bits that only quantizing on load
+    gives cannot stream from disk, which is said."""
+    gib = 2**30
+    on_gpu = torch.device("cuda")  # placement is arithmetic: no GPU is touched with a budget
+    roomy = plan_placement(model, on_gpu, 16, "auto", gpu_memory=gib // 4, ram_free=64 * gib)
+    assert roomy.streamed_layers > 0 and roomy.source == "ram"
+    short = plan_placement(model, on_gpu, 16, "auto", gpu_memory=gib // 4, ram_free=2 * gib + 10**6)
+    assert short.streamed_layers == roomy.streamed_layers and short.source == "disk"
+    with pytest.raises(MemoryError, match="specexec quantize"):
+        plan_placement(model, on_gpu, 4, "auto", gpu_memory=gib // 4, ram_free=2 * gib + 10**6,
+                       can_stream_from_disk=False)
+    whole = plan_placement(model, CPU, 16, "auto", ram_free=64 * gib)
+    assert whole.streamed_layers == 0
+    laptop = plan_placement(model, CPU, 16, "auto", ram_free=2 * gib + 300 * 2**20)
+    assert 0 < laptop.resident_layers < 30 and laptop.source == "disk"
+    assert plan_placement(model, CPU, 16, "disk", ram_free=64 * gib).source == "disk"
