@@ -11,8 +11,8 @@ and the per-layer figures are scaled to the real depth (said in the output).
 
 With `--disk DIR` the same model is also written to DIR (16-bit safetensors, and 4-bit packed by
 `specexec quantize`'s writer) and streamed from there (`--offload disk`): every pass reads the
-layers from the files, through the pinned staging ring; the cold read speed of the files is the
-peak to compare with.
+layers from the files, through the pinned staging ring, with the page cache dropped before each
+pass; the cold read speed of the files is the peak to compare with.
 """
 
 from __future__ import annotations
@@ -56,10 +56,12 @@ def build(shape: str, layers: int, dtype: torch.dtype) -> tuple[LlamaForCausalLM
     return model, real_layers
 
 
-def time_pass(model, n: int, device, repeats: int) -> float:
+def time_pass(model, n: int, device, repeats: int, before=None) -> float:
     prompt = list(range(10, 42))
     times = []
     for _ in range(repeats + 1):
+        if before:
+            before()
         kv = TokenCache()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -150,6 +152,19 @@ def main() -> None:
     print(f"wrote {path}")
 
 
+def drop_page_cache(folder: Path) -> None:
+    """Every pass then reads the disk, as on a machine whose RAM cannot cache the model."""
+    import os
+
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> None:
     import os
 
@@ -160,7 +175,7 @@ def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> 
     save_packed(plain, packed, 4, dtype)
     p16 = plan_placement(model, device, 16, offload="disk", gpu_memory=None, dtype=dtype)
     del model
-    os.sync()  # written pages are clean: the streamer's reads can drop them from the page cache
+    os.sync()  # written pages are clean: they can be dropped from the page cache
     for quant, folder in ((16, plain), (4, packed)):
         peak, cold = disk_read_gb_s(folder / "layers" if quant == 4 else folder, limit=8 * 2**30)
         # A budget that keeps no decoder layer resident: all of them stream from the files.
@@ -172,7 +187,7 @@ def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> 
         rows = []
         for n in [int(x) for x in args.disk_sizes.split(",")]:
             before = streamer.bytes_streamed
-            s = time_pass(loaded, n, device, args.repeats)
+            s = time_pass(loaded, n, device, args.repeats, before=lambda: drop_page_cache(folder))
             gbps = (streamer.bytes_streamed - before) / (args.repeats + 1) / s / 1e9
             rows.append(dict(tree=n, pass_s_timed=s, layer_ms=s / placement.streamed_layers * 1000,
                              GBps=gbps, fraction_of_disk_peak=gbps / peak if peak else None))

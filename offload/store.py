@@ -46,8 +46,10 @@ class DiskLayer:
     segments: tuple[tuple[str, int, int, int], ...]
 
     def read_into(self, buffer: torch.Tensor) -> None:
-        """Plain positioned reads (thread-safe, no memory map), then the pages are dropped from the
-        page cache: the layer is read from the disk on the next pass, not held twice in RAM."""
+        """Plain positioned reads (thread-safe, no memory map). They go through the page cache,
+        which the kernel reclaims when RAM is short: what RAM can spare speeds the next pass up,
+        and nothing is pinned to it (`benchmarks/offload_bench.py --disk` drops it to time the
+        disk itself)."""
         fds = {}
         try:
             for path, offset, nbytes, at in self.segments:
@@ -60,8 +62,6 @@ class DiskLayer:
                         raise OSError(f"{path} is truncated (at byte {offset + done}); "
                                       "download or convert it again")
                     done += got
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fds[path], offset, nbytes, os.POSIX_FADV_DONTNEED)
         finally:
             for fd in fds.values():
                 os.close(fd)

@@ -230,13 +230,28 @@ def machine(pipe) -> str:
 
 def accelerate_offloaded(pipe, say: Say):
     """The same checkpoint through transformers + accelerate's device_map offload, within the same
-    GPU memory budget as our placement (the baseline most people run)."""
+    GPU memory budget as our placement (the baseline most people run), and with the same RAM
+    when ours streams from disk (accelerate's disk offload)."""
     from transformers import AutoModelForCausalLM
 
-    p = pipe.target.placement
+    p, dev = pipe.target.placement, pipe.target.device
     say("loading the accelerate-offloaded baseline")
-    budget = p.budget_bytes or torch.cuda.mem_get_info(pipe.target.device)[0]
+    ram, extra = "1000GiB", {}
+    if p.source == "disk":  # ours reads its streamed layers from disk: so does the baseline
+        import tempfile
+
+        ram = p.fixed_bytes + p.resident_layers * p.layer_bytes if dev.type == "cpu" else 2**30
+        extra = {"offload_folder": tempfile.mkdtemp(prefix="specexec-accelerate-")}
+    memory = {"cpu": ram}
+    if dev.type == "cuda":
+        memory[dev.index or 0] = p.budget_bytes or torch.cuda.mem_get_info(dev)[0]
     src = pipe.source
-    return AutoModelForCausalLM.from_pretrained(
-        src.path, gguf_file=src.gguf_file, dtype=torch.bfloat16, local_files_only=True,
-        device_map="auto", max_memory={pipe.target.device.index or 0: budget, "cpu": "1000GiB"})
+    model = AutoModelForCausalLM.from_pretrained(
+        src.path, gguf_file=src.gguf_file, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
+        local_files_only=True, device_map="auto", max_memory=memory, **extra)
+    if extra:  # its copy of the weights goes with it
+        import shutil
+        import weakref
+
+        weakref.finalize(model, shutil.rmtree, extra["offload_folder"], True)
+    return model
