@@ -35,7 +35,7 @@ from offload.packed import save_packed
 from specexec_app.kvcache import TokenCache
 from specexec_app.lm import forward_tree
 from specexec_app.tree import chain
-from specexec_app.tune import disk_read_gb_s, host_to_device_gb_s
+from specexec_app.tune import disk_read_gb_s, drop_page_cache, host_to_device_gb_s
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, layers, vocab
     "llama-2-70b": (8192, 28672, 64, 8, 80, 32000),
@@ -152,17 +152,11 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def drop_page_cache(folder: Path) -> None:
+def drop_folder_cache(folder: Path) -> None:
     """Every pass then reads the disk, as on a machine whose RAM cannot cache the model."""
-    import os
-
     for path in folder.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            drop_page_cache(path)
 
 
 def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> None:
@@ -187,7 +181,7 @@ def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> 
         rows = []
         for n in [int(x) for x in args.disk_sizes.split(",")]:
             before = streamer.bytes_streamed
-            s = time_pass(loaded, n, device, args.repeats, before=lambda: drop_page_cache(folder))
+            s = time_pass(loaded, n, device, args.repeats, before=lambda: drop_folder_cache(folder))
             gbps = (streamer.bytes_streamed - before) / (args.repeats + 1) / s / 1e9
             rows.append(dict(tree=n, pass_s_timed=s, layer_ms=s / placement.streamed_layers * 1000,
                              GBps=gbps, fraction_of_disk_peak=gbps / peak if peak else None))

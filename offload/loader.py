@@ -117,27 +117,26 @@ def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
     tied_head = {n for n, p in model.named_parameters() if head is not None and p is head.weight
                  and getattr(config, "tie_word_embeddings", False)}  # tied to the embedding later
 
-    def fill(prefix: str | None) -> None:
+    def present(prefix: str | None) -> list[str]:
+        """The parameters under `prefix` (None: those outside the decoder layers) that the files
+        hold; one missing is an error, except a tied head (tied to the embedding later)."""
         wanted = [n for n in names if n.startswith(prefix)] if prefix else \
                  [n for n in names if not n.startswith("model.layers.")]
         for name in wanted:
-            if name in tied_head and name not in reader:
-                continue
-            if name not in reader:
+            if name not in reader and name not in tied_head:
                 raise UserError(f"{folder} lacks the weight {name}; is it a checkpoint of "
                                 f"this architecture ({config.model_type})?")
+        return [n for n in wanted if n in reader]
+
+    def fill(prefix: str | None) -> None:
+        for name in present(prefix):
             set_module_tensor_to_device(model, name, "cpu", value=reader.get(name), dtype=dtype)
 
     def disk_layer(i: int) -> DiskLayer:
         if packed:
             return packed.disk_layer(i)
         prefix = f"model.layers.{i}."
-        layer_names = [n[len(prefix):] for n in names if n.startswith(prefix)]
-        missing = [n for n in layer_names if prefix + n not in reader]
-        if missing:
-            raise UserError(f"{folder} lacks the weight {prefix + missing[0]}; is it a checkpoint "
-                            f"of this architecture ({config.model_type})?")
-        return reader.disk_layer(prefix, layer_names, dtype)
+        return reader.disk_layer(prefix, [n[len(prefix):] for n in present(prefix)], dtype)
 
     try:
         offload_model(model, device, placement, dtype, progress=progress, fill=fill,

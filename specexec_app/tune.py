@@ -97,6 +97,20 @@ def weight_files(path: Path) -> list[Path]:
     return [p for p in files if p.is_file()]
 
 
+def drop_page_cache(path: Path) -> bool:
+    """Ask the kernel to forget the cached pages of a file (its next read comes from the disk);
+    False where it cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def disk_read_gb_s(folder: Path, limit: int = 2**30) -> tuple[float, bool]:
     """Read speed of the weight files in `folder` (up to `limit` bytes), and whether the page
     cache could be dropped first (a cold read) or the figure may include cached pages."""
@@ -106,11 +120,8 @@ def disk_read_gb_s(folder: Path, limit: int = 2**30) -> tuple[float, bool]:
     cold = True
     total, start = 0, time.perf_counter()
     for path in files:
+        cold = drop_page_cache(path) and cold
         with open(path, "rb", buffering=0) as f:
-            try:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            except (AttributeError, OSError):
-                cold = False
             while total < limit:
                 chunk = f.read(16 * 2**20)
                 if not chunk:

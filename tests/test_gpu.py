@@ -22,6 +22,7 @@ from specexec_app.kvcache import TokenCache
 from specexec_app.lm import Target, forward_tree
 from specexec_app.settings import DecodeSettings
 from specexec_app.tree import Tree
+from test_offload import tree_batch
 
 DEVICE = torch.device(os.environ.get("SPECEXEC_TEST_GPU", "cuda"))
 CUDA = DEVICE.type == "cuda"
@@ -49,16 +50,6 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(folder, safe_serialization=True)  # fp32
     return model, folder
-
-
-def tree_batch():
-    tree = Tree()
-    a = tree.add(100, -1, -0.1)
-    b = tree.add(200, a, -0.2)
-    tree.add(300, -1, -0.3)
-    tree.add(400, b, -0.4)
-    tree.add(500, a, -0.5)
-    return tree
 
 
 PROMPT = list(range(10, 60))

@@ -19,12 +19,13 @@ CPU = torch.device("cpu")
 
 
 def tree_batch():
+    """Two roots, depth 3 (ids below 2048: test_gpu's small model uses it too)."""
     tree = Tree()
-    a = tree.add(1000, -1, -0.1)
-    b = tree.add(2000, a, -0.2)
-    tree.add(3000, -1, -0.3)
-    tree.add(4000, b, -0.4)
-    tree.add(5000, a, -0.5)
+    a = tree.add(100, -1, -0.1)
+    b = tree.add(200, a, -0.2)
+    tree.add(300, -1, -0.3)
+    tree.add(400, b, -0.4)
+    tree.add(500, a, -0.5)
     return tree
 
 
