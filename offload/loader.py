@@ -16,7 +16,7 @@ from specexec_app.errors import UserError
 
 from .model import offload_model, plan_placement
 from .packed import PackedReader, is_packed
-from .store import _ALIGN, DiskLayer, Entry
+from .store import _ALIGN, DiskLayer, Entry, read_fully
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -51,10 +51,7 @@ class ShardReader:
         if dtype not in _DTYPES:
             raise UserError(f"{path}: tensor {name} has dtype {dtype}, which is not supported")
         out = torch.empty(nbytes, dtype=torch.uint8)
-        f = self.files[path]
-        f.seek(offset)
-        if f.readinto(out.numpy()) != nbytes:
-            raise UserError(f"{path} is truncated (reading {name}); download or convert it again")
+        read_fully(self.files[path].fileno(), path, offset, out.numpy())
         return out.view(_DTYPES[dtype]).reshape(shape)
 
     def disk_layer(self, prefix: str, names: list[str], dtype: torch.dtype) -> DiskLayer:

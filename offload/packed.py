@@ -120,12 +120,10 @@ class PackedReader:
         return self.folder / "layers" / f"{i:05d}.bin"
 
     def read(self, i: int, pin: bool = False) -> PackedLayer:
-        nbytes, entries = self.layers[i]
-        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-        with open(self._path(i), "rb", buffering=0) as f:
-            if f.readinto(buffer.numpy()) != nbytes:
-                raise UserError(f"{self._path(i)} is truncated; quantize the model again")
-        return PackedLayer(buffer, entries)
+        layer = self.disk_layer(i)
+        buffer = torch.empty(layer.nbytes, dtype=torch.uint8, pin_memory=pin)
+        layer.read_into(buffer)
+        return PackedLayer(buffer, layer.entries)
 
     def disk_layer(self, i: int) -> DiskLayer:
         nbytes, entries = self.layers[i]

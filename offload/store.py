@@ -8,13 +8,18 @@ compute device: 8-bit as int8 with a float32 scale per output row, 4-bit as bits
 from __future__ import annotations
 
 import os
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from specexec_app.errors import UserError
+
 NF4_BLOCK = 64
 _ALIGN = 64  # bytes; keeps every view aligned for vectorized loads and DMA
+READ_CHUNK = 16 << 20  # bytes per read of a layer on disk
+DISK_READERS = 4  # reads in flight at once (an NVMe drive needs several to reach its speed)
 
 
 @dataclass(frozen=True)
@@ -45,26 +50,44 @@ class DiskLayer:
     nbytes: int
     segments: tuple[tuple[str, int, int, int], ...]
 
-    def read_into(self, buffer: torch.Tensor) -> None:
-        """Plain positioned reads (thread-safe, no memory map). They go through the page cache,
-        which the kernel reclaims when RAM is short: what RAM can spare speeds the next pass up,
-        and nothing is pinned to it (`benchmarks/offload_bench.py --disk` drops it to time the
-        disk itself)."""
+    def read_into(self, buffer: torch.Tensor, pool: Executor | None = None) -> None:
+        """Plain positioned reads (thread-safe, no memory map), in chunks of `READ_CHUNK` spread
+        over `pool`'s threads when given: one stream of reads leaves an NVMe drive mostly idle,
+        several in flight keep its queues full. They go through the page cache, which the kernel
+        reclaims when RAM is short: what RAM can spare speeds the next pass up, and nothing is
+        pinned to it (`benchmarks/offload_bench.py --disk` drops it to time the disk itself)."""
         fds = {}
         try:
+            chunks = []
             for path, offset, nbytes, at in self.segments:
                 if path not in fds:
                     fds[path] = os.open(path, os.O_RDONLY)
-                view, done = buffer[at:at + nbytes].numpy(), 0
-                while done < nbytes:  # one read returns at most ~2 GiB on Linux
-                    got = os.preadv(fds[path], [view[done:]], offset + done)
-                    if got <= 0:
-                        raise OSError(f"{path} is truncated (at byte {offset + done}); "
-                                      "download or convert it again")
-                    done += got
+                view = buffer[at:at + nbytes].numpy()
+                chunks += [(fds[path], path, offset + c, view[c:c + READ_CHUNK])
+                           for c in range(0, nbytes, READ_CHUNK)]
+            if pool is None or len(chunks) == 1:
+                for chunk in chunks:
+                    read_fully(*chunk)
+            else:
+                reads = [pool.submit(read_fully, *chunk) for chunk in chunks]
+                wait(reads)  # every read has ended before its file closes
+                for read in reads:
+                    read.result()
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+def read_fully(fd: int, path: str, offset: int, view) -> None:
+    """Fill `view` (a writable buffer) from byte `offset` of the open file: one read returns at
+    most about 2 GiB on Linux, and may return less than asked."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise UserError(f"{path} is truncated (at byte {offset + done}); "
+                            "download or convert it again")
+        done += got
 
 
 def _parts(t: torch.Tensor, quant: int, name: str) -> tuple[str, list[torch.Tensor]]:

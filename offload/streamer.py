@@ -9,7 +9,7 @@ import torch
 
 from specexec_app.errors import UserError
 
-from .store import DiskLayer, PackedLayer, unpack
+from .store import DISK_READERS, DiskLayer, PackedLayer, unpack
 
 
 class LayerStreamer:
@@ -19,17 +19,18 @@ class LayerStreamer:
     layers i+1 .. i+n-1 copy. After the last layer the first ones of the next pass are fetched,
     so they arrive while the draft grows its tree.
 
-    Layers left on disk (`DiskLayer`) are read by one reader thread, in order, into a ring of
-    `n_staging` pinned host buffers, and copied from there on the copy stream; a staging buffer is
-    reused once the copy out of it has completed (its `staged` event). Reads run ahead of compute
-    as far as the device buffers allow, so the disk, the bus and the GPU work at once.
+    Layers left on disk (`DiskLayer`) are read by one reader thread, in order, each in chunks read
+    by `n_readers` threads at once, into a ring of `n_staging` pinned host buffers, and copied
+    from there on the copy stream; a staging buffer is reused once the copy out of it has
+    completed (its `staged` event). Reads run ahead of compute as far as the device buffers
+    allow, so the disk, the bus and the GPU work at once.
 
     On a CPU compute device there is no bus to cross: layers in RAM are read in place; layers on
     disk are read into the host buffers, one layer ahead of compute.
     """
 
     def __init__(self, layers: list[PackedLayer | DiskLayer], device: torch.device,
-                 n_buffers: int = 2, n_staging: int = 2):
+                 n_buffers: int = 2, n_staging: int = 2, n_readers: int = DISK_READERS):
         self.layers = layers
         self.device = device
         self.n_buffers = max(1, min(n_buffers, len(layers)))
@@ -50,7 +51,9 @@ class LayerStreamer:
         if self.on_disk:
             self.pending: list[Future | None] = [None] * self.n_buffers
             self.reader = ThreadPoolExecutor(1, thread_name_prefix="specexec-disk")
-            weakref.finalize(self, self.reader.shutdown, wait=False)
+            self.chunk_readers = ThreadPoolExecutor(n_readers, thread_name_prefix="specexec-read")
+            for pool in (self.reader, self.chunk_readers):
+                weakref.finalize(self, pool.shutdown, wait=False)
             if self.cuda:
                 self.staging = [torch.empty(size, dtype=torch.uint8, pin_memory=True)
                                 for _ in range(n_staging)]
@@ -79,12 +82,12 @@ class LayerStreamer:
         Buffer `s` is free on the host side: its previous layer was released before this read
         was queued (see `acquire`), and on CUDA the copy waits for `freed[s]`."""
         if not self.cuda:
-            layer.read_into(self.buffers[s])
+            layer.read_into(self.buffers[s], self.chunk_readers)
             return
         t = self.next_staging
         self.next_staging = (t + 1) % len(self.staging)
         self.staged[t].synchronize()  # the copy out of this staging buffer has completed
-        layer.read_into(self.staging[t])
+        layer.read_into(self.staging[t], self.chunk_readers)
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.freed[s])
             self.buffers[s][: layer.nbytes].copy_(self.staging[t][: layer.nbytes], non_blocking=True)
@@ -101,7 +104,7 @@ class LayerStreamer:
         if self.on_disk:
             try:
                 self.pending[s].result()
-            except OSError as e:
+            except (OSError, UserError) as e:  # a missing, cut or unreadable file
                 self.holds[s] = -1
                 raise UserError(str(e)) from e
         if self.cuda:

@@ -111,25 +111,30 @@ def drop_page_cache(path: Path) -> bool:
     return True
 
 
-def disk_read_gb_s(folder: Path, limit: int = 2**30) -> tuple[float, bool]:
-    """Read speed of the weight files in `folder` (up to `limit` bytes), and whether the page
-    cache could be dropped first (a cold read) or the figure may include cached pages."""
-    files = weight_files(folder)
-    if not files:
-        return 0.0, False
-    cold = True
-    total, start = 0, time.perf_counter()
-    for path in files:
-        cold = drop_page_cache(path) and cold
-        with open(path, "rb", buffering=0) as f:
-            while total < limit:
-                chunk = f.read(16 * 2**20)
-                if not chunk:
-                    break
-                total += len(chunk)
-        if total >= limit:
+def disk_read_gb_s(folder: Path, limit: int = 2**30, window: int = 512 << 20) -> tuple[float, bool]:
+    """Read speed of the weight files in `folder` (their first `limit` bytes), read the way the
+    streamer reads a layer from disk (`window` bytes at a time, in parallel chunks), and whether
+    the page cache could be dropped first (a cold read) or the figure may include cached pages."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from offload.store import DISK_READERS, DiskLayer
+
+    reads, total = [], 0  # (file, offset, bytes)
+    for path in weight_files(folder):
+        nbytes = min(path.stat().st_size, limit - total)
+        if nbytes <= 0:
             break
-    return total / max(time.perf_counter() - start, 1e-9) / GB, cold
+        reads += [(str(path), at, min(window, nbytes - at)) for at in range(0, nbytes, window)]
+        total += nbytes
+    if not total:
+        return 0.0, False
+    cold = all([drop_page_cache(Path(path)) for path in {path for path, _, _ in reads}])
+    buffer = torch.empty(min(window, total), dtype=torch.uint8)
+    with ThreadPoolExecutor(DISK_READERS) as pool:
+        start = time.perf_counter()
+        for path, at, nbytes in reads:
+            DiskLayer([], nbytes, ((path, at, nbytes, 0),)).read_into(buffer, pool)
+        return total / max(time.perf_counter() - start, 1e-9) / GB, cold
 
 
 def measure_machine(device: torch.device, weights: Path | None) -> dict:

@@ -105,6 +105,23 @@ def test_parse_size():
     assert parse_size("512MiB") == 512 * 2**20
 
 
+def test_a_tensor_over_2_gib_reads_whole(tmp_path):
+    """One read returns at most ~2 GiB on Linux: a bigger tensor (a 70B-class model's embeddings
+    in 16 bits, 152064 x 8192 x 2 bytes for Qwen2.5-72B) must still load, not be called cut."""
+    import json
+
+    from offload.loader import ShardReader
+
+    n = 2**31 + 4096
+    header = json.dumps({"big": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:  # sparse: the zeros cost no disk
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.seek(8 + len(header) + n - 4)
+        f.write(b"tail")
+    assert bytes(ShardReader(tmp_path).get("big")[-4:].numpy()) == b"tail"
+
+
 @pytest.mark.parametrize("quant, budget", [(16, None), (4, None), (8, "300MB")])
 def test_loading_layer_by_layer_gives_the_same_model(model, source, tokenizer, quant, budget):
     """The shard-by-shard loader (meta model, one layer read, placed and freed at a time)
@@ -203,14 +220,19 @@ def test_a_packed_checkpoint_loads_without_quantizing(model, source, tokenizer, 
 
 @pytest.mark.parametrize("packed_bits", [None, 4])
 def test_streaming_from_disk_reads_each_pass_and_computes_the_same(model, source, tokenizer,
-                                                                   tmp_path, packed_bits):
+                                                                   tmp_path, packed_bits,
+                                                                   monkeypatch):
     """`--offload disk`: streamed layers stay in their files (16-bit safetensors, or a folder
-    from `specexec quantize`) and are read again on every pass, a layer ahead of compute; the
-    logits are those of the model in RAM, and greedy SpecExec gives the target's own tokens."""
+    from `specexec quantize`) and are read again on every pass, a layer ahead of compute, each
+    in chunks read by several threads at once; the logits are those of the model in RAM, and
+    greedy SpecExec gives the target's own tokens."""
     from pathlib import Path
 
+    from offload import store
     from offload.loader import load_offloaded
     from offload.store import DiskLayer
+
+    monkeypatch.setattr(store, "READ_CHUNK", 1 << 16)  # many chunks per layer, read in parallel
 
     folder, reference = Path(source.path), copy.deepcopy(model)
     if packed_bits:
