@@ -32,6 +32,7 @@ from offload import offload_model, plan_placement
 from offload.loader import load_offloaded
 from offload.model import describe
 from offload.packed import save_packed
+from offload.store import disk_readers
 from specexec_app.kvcache import TokenCache
 from specexec_app.lm import forward_tree
 from specexec_app.tree import chain
@@ -171,7 +172,8 @@ def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> 
     del model
     os.sync()  # written pages are clean: they can be dropped from the page cache
     for quant, folder in ((16, plain), (4, packed)):
-        peak, cold = disk_read_gb_s(folder / "layers" if quant == 4 else folder, limit=8 * 2**30)
+        peak, cold = disk_read_gb_s(folder / "layers" if quant == 4 else folder,
+                                    disk_readers(device), limit=8 * 2**30)
         # A budget that keeps no decoder layer resident: all of them stream from the files.
         budget = p16.fixed_bytes + 2**30 + 3 * p16.packed_layer_bytes if device.type == "cuda" else None
         if device.type == "cuda":

@@ -19,7 +19,6 @@ from specexec_app.errors import UserError
 NF4_BLOCK = 64
 _ALIGN = 64  # bytes; keeps every view aligned for vectorized loads and DMA
 READ_CHUNK = 16 << 20  # bytes per read of a layer on disk
-DISK_READERS = 4  # reads in flight at once (an NVMe drive needs several to reach its speed)
 
 
 @dataclass(frozen=True)
@@ -76,6 +75,13 @@ class DiskLayer:
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+def disk_readers(device: torch.device) -> int:
+    """Reads in flight at once for a layer on disk. While a GPU computes, several keep an NVMe
+    drive's queues full; when the CPU computes, its cores are better spent on the layers (on 2
+    cores, 4 readers gained nothing on the disk and slowed the pass: docs/BENCHMARKS.md)."""
+    return 4 if device.type == "cuda" else 1
 
 
 def read_fully(fd: int, path: str, offset: int, view) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from specexec_app.errors import UserError
 
-from .store import DISK_READERS, DiskLayer, PackedLayer, unpack
+from .store import DiskLayer, PackedLayer, disk_readers, unpack
 
 
 class LayerStreamer:
@@ -20,17 +20,17 @@ class LayerStreamer:
     so they arrive while the draft grows its tree.
 
     Layers left on disk (`DiskLayer`) are read by one reader thread, in order, each in chunks read
-    by `n_readers` threads at once, into a ring of `n_staging` pinned host buffers, and copied
-    from there on the copy stream; a staging buffer is reused once the copy out of it has
-    completed (its `staged` event). Reads run ahead of compute as far as the device buffers
-    allow, so the disk, the bus and the GPU work at once.
+    by `n_readers` threads at once (default: `disk_readers`), into a ring of `n_staging` pinned
+    host buffers, and copied from there on the copy stream; a staging buffer is reused once the
+    copy out of it has completed (its `staged` event). Reads run ahead of compute as far as the
+    device buffers allow, so the disk, the bus and the GPU work at once.
 
     On a CPU compute device there is no bus to cross: layers in RAM are read in place; layers on
     disk are read into the host buffers, one layer ahead of compute.
     """
 
     def __init__(self, layers: list[PackedLayer | DiskLayer], device: torch.device,
-                 n_buffers: int = 2, n_staging: int = 2, n_readers: int = DISK_READERS):
+                 n_buffers: int = 2, n_staging: int = 2, n_readers: int | None = None):
         self.layers = layers
         self.device = device
         self.n_buffers = max(1, min(n_buffers, len(layers)))
@@ -51,9 +51,12 @@ class LayerStreamer:
         if self.on_disk:
             self.pending: list[Future | None] = [None] * self.n_buffers
             self.reader = ThreadPoolExecutor(1, thread_name_prefix="specexec-disk")
-            self.chunk_readers = ThreadPoolExecutor(n_readers, thread_name_prefix="specexec-read")
-            for pool in (self.reader, self.chunk_readers):
-                weakref.finalize(self, pool.shutdown, wait=False)
+            weakref.finalize(self, self.reader.shutdown, wait=False)
+            n_readers = n_readers or disk_readers(device)
+            self.chunk_readers = None  # one reader: the reader thread reads each layer itself
+            if n_readers > 1:
+                self.chunk_readers = ThreadPoolExecutor(n_readers, thread_name_prefix="specexec-read")
+                weakref.finalize(self, self.chunk_readers.shutdown, wait=False)
             if self.cuda:
                 self.staging = [torch.empty(size, dtype=torch.uint8, pin_memory=True)
                                 for _ in range(n_staging)]

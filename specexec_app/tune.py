@@ -111,13 +111,14 @@ def drop_page_cache(path: Path) -> bool:
     return True
 
 
-def disk_read_gb_s(folder: Path, limit: int = 2**30, window: int = 512 << 20) -> tuple[float, bool]:
+def disk_read_gb_s(folder: Path, readers: int, limit: int = 2**30,
+                   window: int = 512 << 20) -> tuple[float, bool]:
     """Read speed of the weight files in `folder` (their first `limit` bytes), read the way the
-    streamer reads a layer from disk (`window` bytes at a time, in parallel chunks), and whether
+    streamer reads a layer from disk (`window` bytes at a time, by `readers` threads), and whether
     the page cache could be dropped first (a cold read) or the figure may include cached pages."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from offload.store import DISK_READERS, DiskLayer
+    from offload.store import DiskLayer
 
     reads, total = [], 0  # (file, offset, bytes)
     for path in weight_files(folder):
@@ -130,7 +131,8 @@ def disk_read_gb_s(folder: Path, limit: int = 2**30, window: int = 512 << 20) ->
         return 0.0, False
     cold = all([drop_page_cache(Path(path)) for path in {path for path, _, _ in reads}])
     buffer = torch.empty(min(window, total), dtype=torch.uint8)
-    with ThreadPoolExecutor(DISK_READERS) as pool:
+    with ThreadPoolExecutor(readers) as pool:
+        pool = pool if readers > 1 else None
         start = time.perf_counter()
         for path, at, nbytes in reads:
             DiskLayer([], nbytes, ((path, at, nbytes, 0),)).read_into(buffer, pool)
@@ -154,7 +156,9 @@ def measure_machine(device: torch.device, weights: Path | None) -> dict:
     else:
         m |= {"gpu": "none"}
     if weights is not None:
-        speed, cold = disk_read_gb_s(weights)
+        from offload.store import disk_readers
+
+        speed, cold = disk_read_gb_s(weights, disk_readers(device))
         m |= {"weights_folder": str(weights), "disk_read_gb_s": round(speed, 2),
               "disk_read_cold": cold}
     return m

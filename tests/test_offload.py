@@ -229,10 +229,12 @@ def test_streaming_from_disk_reads_each_pass_and_computes_the_same(model, source
     from pathlib import Path
 
     from offload import store
+    from offload import streamer as streaming
     from offload.loader import load_offloaded
     from offload.store import DiskLayer
 
     monkeypatch.setattr(store, "READ_CHUNK", 1 << 16)  # many chunks per layer, read in parallel
+    monkeypatch.setattr(streaming, "disk_readers", lambda device: 3)  # as on a GPU (1 on a CPU)
 
     folder, reference = Path(source.path), copy.deepcopy(model)
     if packed_bits:
@@ -246,6 +248,7 @@ def test_streaming_from_disk_reads_each_pass_and_computes_the_same(model, source
     placement, streamer = loaded._specexec_placement, loaded._specexec_streamer
     assert placement.source == "disk" and placement.streamed_layers == 30
     assert all(isinstance(layer, DiskLayer) for layer in streamer.layers)
+    assert streamer.chunk_readers is not None  # the layers are read in parallel chunks
     assert all(p.device.type == "meta" for p in loaded.model.layers[3].template.parameters())
     prompt = tokenizer("Read from the disk on every pass").input_ids
     read = []
