@@ -51,10 +51,10 @@ class DiskLayer:
 
     def read_into(self, buffer: torch.Tensor, pool: Executor | None = None) -> None:
         """Plain positioned reads (thread-safe, no memory map), in chunks of `READ_CHUNK` spread
-        over `pool`'s threads when given: one stream of reads leaves an NVMe drive mostly idle,
-        several in flight keep its queues full. They go through the page cache, which the kernel
-        reclaims when RAM is short: what RAM can spare speeds the next pass up, and nothing is
-        pinned to it (`benchmarks/offload_bench.py --disk` drops it to time the disk itself)."""
+        over `pool`'s threads when given (see `disk_readers`). They go through the page cache,
+        which the kernel reclaims when RAM is short: what RAM can spare speeds the next pass up,
+        and nothing is pinned to it (`benchmarks/offload_bench.py --disk` drops it to time the
+        disk itself)."""
         fds = {}
         try:
             chunks = []
@@ -78,9 +78,10 @@ class DiskLayer:
 
 
 def disk_readers(device: torch.device) -> int:
-    """Reads in flight at once for a layer on disk. While a GPU computes, several keep an NVMe
-    drive's queues full; when the CPU computes, its cores are better spent on the layers (on 2
-    cores, 4 readers gained nothing on the disk and slowed the pass: docs/BENCHMARKS.md)."""
+    """Reads in flight at once for a layer on disk. While a GPU computes, 4: an NVMe drive
+    reaches its speed only with several reads queued (to be measured on the GPU machine's
+    drive); when the CPU computes, 1: its cores are better spent on the layers (on 2 cores,
+    4 readers gained nothing on this VM's disk and slowed the pass: docs/BENCHMARKS.md)."""
     return 4 if device.type == "cuda" else 1
 
 

@@ -132,10 +132,10 @@ def disk_read_gb_s(folder: Path, readers: int, limit: int = 2**30,
     cold = all([drop_page_cache(Path(path)) for path in {path for path, _, _ in reads}])
     buffer = torch.empty(min(window, total), dtype=torch.uint8)
     with ThreadPoolExecutor(readers) as pool:
-        pool = pool if readers > 1 else None
+        parallel = pool if readers > 1 else None
         start = time.perf_counter()
         for path, at, nbytes in reads:
-            DiskLayer([], nbytes, ((path, at, nbytes, 0),)).read_into(buffer, pool)
+            DiskLayer([], nbytes, ((path, at, nbytes, 0),)).read_into(buffer, parallel)
         return total / max(time.perf_counter() - start, 1e-9) / GB, cold
 
 
