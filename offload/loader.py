@@ -25,8 +25,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 
 
 class ShardReader:
-    """Tensors by name from a folder's safetensors files, each read with one plain read into
-    its own buffer (no memory map: mapped pages of the whole file would count against RAM)."""
+    """Tensors by name from a folder's safetensors files, each read with plain reads into its
+    own buffer (no memory map: mapped pages of the whole file would count against RAM)."""
 
     def __init__(self, folder: Path):
         import struct
@@ -46,24 +46,26 @@ class ShardReader:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str) -> torch.Tensor:
+    def locate(self, name: str) -> tuple[Path, torch.dtype, tuple[int, ...], int, int]:
+        """(file, dtype, shape, byte offset, bytes) of tensor `name`."""
         path, dtype, shape, offset, nbytes = self.where[name]
         if dtype not in _DTYPES:
             raise UserError(f"{path}: tensor {name} has dtype {dtype}, which is not supported")
+        return path, _DTYPES[dtype], tuple(shape), offset, nbytes
+
+    def get(self, name: str) -> torch.Tensor:
+        path, dtype, shape, offset, nbytes = self.locate(name)
         out = torch.empty(nbytes, dtype=torch.uint8)
         read_fully(self.files[path].fileno(), path, offset, out.numpy())
-        return out.view(_DTYPES[dtype]).reshape(shape)
+        return out.view(dtype).reshape(shape)
 
     def disk_layer(self, prefix: str, names: list[str], dtype: torch.dtype) -> DiskLayer:
         """Where the tensors `prefix + name` lie in the files, as a layer to read on every pass
         (in the checkpoint's dtype, cast to `dtype` on the compute device)."""
         entries, segments, at = [], [], 0
         for name in names:
-            path, dt, shape, offset, nbytes = self.where[prefix + name]
-            if dt not in _DTYPES:
-                raise UserError(f"{path}: tensor {prefix + name} has dtype {dt}, which is not supported")
-            entries.append(Entry(name, tuple(shape), dtype, "raw",
-                                 ((at, nbytes, _DTYPES[dt], tuple(shape)),)))
+            path, stored, shape, offset, nbytes = self.locate(prefix + name)
+            entries.append(Entry(name, shape, dtype, "raw", ((at, nbytes, stored, shape),)))
             segments.append((str(path), offset, nbytes, at))
             at += -(-nbytes // _ALIGN) * _ALIGN
         return DiskLayer(entries, at, tuple(segments))

@@ -120,11 +120,11 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
     if offload == "disk" or (offload == "auto" and streamed and
                              in_ram + streamed * packed > ram_room):
         source = "disk"
-    if source == "disk" and not can_stream_from_disk and offload == "disk":
-        raise MemoryError(f"this checkpoint cannot stream from disk at {quant} bits: save it with "
-                          f"`specexec quantize --quant {quant}` and stream that folder, or use 16 "
-                          "bits from a safetensors folder")
     if source == "disk" and not can_stream_from_disk:
+        if offload == "disk":
+            raise MemoryError(f"this checkpoint cannot stream from disk at {quant} bits: save it "
+                              f"with `specexec quantize --quant {quant}` and stream that folder, "
+                              "or use 16 bits from a safetensors folder")
         raise MemoryError(f"the {streamed} streamed layers need {streamed * packed / 2**30:.1f} GiB "
                           f"of RAM and {max(0, ram_room) / 2**30:.1f} GiB are free, and this "
                           "checkpoint cannot stream from disk at these bits: save it with "
