@@ -163,7 +163,7 @@ def drop_folder_cache(folder: Path) -> None:
 def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> None:
     import os
 
-    model, real_layers = build(args.shape, args.layers, dtype)
+    model, _ = build(args.shape, args.layers, dtype)
     plain, packed = args.disk / f"{args.shape}-16bit", args.disk / f"{args.shape}-4bit"
     print(f"writing {plain} and {packed}", flush=True)
     model.save_pretrained(plain, safe_serialization=True)
