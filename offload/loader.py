@@ -78,9 +78,11 @@ class ShardReader:
 def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
                    gpu_memory: int | None, reserve: int, dtype: torch.dtype,
                    progress: Callable[[int, int], None] | None = None,
-                   trust_remote_code: bool = False, ram_free: int | None = None):
+                   trust_remote_code: bool = False, ram_free: int | None = None,
+                   context: int = 0, tree_budget: int = 0):
     """The target from a safetensors folder, placed within `gpu_memory` and `ram_free` (see
-    `plan_placement`) layer by layer as it is read. Layers streamed from disk are read in place
+    `plan_placement`, with room for a `context`-token KV cache and `tree_budget`-node trees)
+    layer by layer as it is read. Layers streamed from disk are read in place
     on every pass: 16-bit ones from the safetensors files, quantized ones from a folder that
     `specexec quantize` wrote. Returns the model (eval mode)."""
     from accelerate import init_empty_weights
@@ -106,7 +108,7 @@ def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
     model.eval()
     try:
         placement = plan_placement(model, device, quant, offload, gpu_memory, reserve, dtype=dtype,
-                                   ram_free=ram_free,
+                                   ram_free=ram_free, context=context, tree_budget=tree_budget,
                                    can_stream_from_disk=bool(packed) or quant == 16)
     except MemoryError as e:
         raise UserError(str(e)) from e

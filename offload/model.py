@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from specexec_app.lm import PREFILL_CHUNK, model_context
+
 from .store import DiskLayer, PackedLayer, pack_layer, roundtrip, unpack
 from .streamer import LayerStreamer
 
@@ -23,6 +25,9 @@ class Placement:
     fixed_bytes: int        # embeddings, final norm, LM head
     budget_bytes: int | None
     source: str = "ram"     # where streamed layers live between passes: "ram" or "disk"
+    work_bytes: int = 0     # kept for the KV cache and a pass's activations (see `work_bytes`)
+    context: int = 0        # the context and tree budget that `work_bytes` was sized for
+    tree_budget: int = 0
 
 
 class StreamedLayer(nn.Module):
@@ -70,29 +75,65 @@ def _packed_bytes(layer: nn.Module, quant: int, dtype: torch.dtype) -> int:
     return total
 
 
-RAM_MARGIN = 2 * 2**30  # host RAM left to the OS, the draft and the KV caches
+RAM_MARGIN = 2 * 2**30  # host RAM left to the OS and the draft
+
+
+def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
+    """The keys and values of `tokens` positions in every layer of a model with this config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers * 2 * kv_heads * head_dim * tokens * torch.finfo(dtype).bits // 8
+
+
+def work_bytes(config, tree_budget: int, context: int, dtype: torch.dtype) -> int:
+    """Memory that a target pass needs beside the weights, in a `context`-token conversation with
+    trees of `tree_budget` nodes: the KV cache of every layer (the tree's entries included), and
+    the peak of one pass: a layer's activations over its rows (the tree's, or a chunk of a
+    prompt: `PREFILL_CHUNK`), that is the MLP's three intermediates, the mask, keys and values
+    expanded to every query head; and the logits of every node. For a Llama-3-70B in bf16, an
+    8192-token context and 2048-node trees: 3.4 GB of KV cache, 0.5 GB of logits, 0.9 GB of
+    activations. 0 when `context` is 0 (nothing to plan for)."""
+    if not context:
+        return 0
+    size = torch.finfo(dtype).bits // 8
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    nodes, keys = tree_budget + 1, context + tree_budget + 1
+    rows = max(nodes, min(context, PREFILL_CHUNK))
+    kv_cache = kv_cache_bytes(config, keys, dtype)
+    layer = rows * (4 * config.hidden_size + 3 * config.intermediate_size) * size \
+        + rows * keys * size + 2 * heads * head_dim * keys * size
+    logits = nodes * config.vocab_size * size
+    return kv_cache + layer + logits
 
 
 def plan_placement(model, device: torch.device, quant: int = 16, offload: str = "auto",
                    gpu_memory: int | None = None, reserve: int = 0, n_buffers: int = 2,
                    dtype: torch.dtype | None = None, ram_free: int | None = None,
-                   can_stream_from_disk: bool = True) -> Placement:
+                   can_stream_from_disk: bool = True, context: int = 0,
+                   tree_budget: int = 0) -> Placement:
     """How many decoder layers stay resident within `gpu_memory` (default: the device's free
-    memory), after the embeddings, norm and head, `reserve` bytes (draft model, KV caches, tree
-    activations) and the streaming buffers; and where the streamed ones live: in host RAM, or
-    (`offload="disk"`, or "auto" when they do not fit `ram_free`) on disk, read on every pass.
-    On a CPU the device is the host: "auto" keeps what fits RAM and streams the rest from disk."""
+    memory), after the embeddings, norm and head, the target's KV cache and pass activations
+    for a `context`-token conversation and `tree_budget`-node trees (`work_bytes`), `reserve`
+    bytes (the draft, its cache) and the streaming buffers; and where the streamed ones live: in
+    host RAM, or (`offload="disk"`, or "auto" when they do not fit `ram_free`) on disk, read on
+    every pass. On a CPU the device is the host: "auto" keeps what fits RAM and streams the rest
+    from disk; the KV cache and activations are then the host's to hold."""
     dtype = dtype or model.dtype
     layers = _layers(model)
     n = len(layers)
     layer_bytes = _bytes(layers[0], dtype)
     packed = _packed_bytes(layers[0], quant, dtype)
     fixed = _bytes(model, dtype) - layer_bytes * n
+    if context:
+        context = min(context, model_context(model.config))
+    work = work_bytes(model.config, tree_budget, context, dtype)
     if ram_free is None:
         import psutil
 
         ram_free = psutil.virtual_memory().available
-    ram_room = ram_free - RAM_MARGIN
+    ram_room = ram_free - RAM_MARGIN - (work if device.type == "cpu" else 0)
     if gpu_memory is None and device.type == "cuda":
         gpu_memory = torch.cuda.mem_get_info(device)[0]
     if offload == "never":
@@ -105,11 +146,14 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
         else:
             resident = max(0, min(n - 1, (ram_room - fixed - n_buffers * packed) // layer_bytes))
     else:
+        reserve += work
         room = gpu_memory - fixed - reserve - n_buffers * packed
         if room < 0:
             need = (fixed + reserve + n_buffers * packed) / 2**30
+            what = (f", the KV cache of {context} tokens and {tree_budget}-node trees "
+                    "(--context, --budget)" if work else " and reserve")
             raise MemoryError(f"the GPU memory budget ({gpu_memory / 2**30:.1f} GiB) is below the "
-                              f"{need:.1f} GiB that embeddings, head, buffers and reserve need")
+                              f"{need:.1f} GiB that embeddings, head, buffers{what} need")
         resident = n if fixed + reserve + n * layer_bytes <= gpu_memory else min(n, room // layer_bytes)
         if offload in ("always", "disk"):
             resident = min(resident, n - 1)
@@ -129,7 +173,8 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
                           f"of RAM and {max(0, ram_room) / 2**30:.1f} GiB are free, and this "
                           "checkpoint cannot stream from disk at these bits: save it with "
                           "`specexec quantize` (or use 16 bits from a safetensors folder)")
-    return Placement(resident, streamed, quant, layer_bytes, packed, fixed, gpu_memory, source)
+    return Placement(resident, streamed, quant, layer_bytes, packed, fixed, gpu_memory, source,
+                     work, context, tree_budget)
 
 
 def offload_model(model, device: torch.device, placement: Placement,
@@ -217,6 +262,8 @@ def describe(p: Placement) -> str:
     gib = 2**30
     budget = f"{p.budget_bytes / gib:.1f} GiB budget, " if p.budget_bytes else ""
     source = " from disk" if p.source == "disk" and p.streamed_layers else ""
+    work = (f"; {p.work_bytes / gib:.1f} GiB kept for the KV cache of {p.context} tokens and "
+            f"{p.tree_budget}-node trees" if p.work_bytes else "")
     return (f"{p.resident_layers} resident + {p.streamed_layers} streamed layers{source}, "
             f"{p.quant}-bit ({budget}{p.packed_layer_bytes / gib * 1024:.0f} MiB per streamed "
-            "layer)")
+            f"layer{work})")

@@ -175,7 +175,10 @@ class ChatREPL:
     def fit_context(self, message: str) -> list[int] | None:
         """Token ids of the conversation plus `message`, dropping the oldest turns if the user
         agrees when it does not leave room for a reply; None if the turn is called off."""
-        context = self.pipe.target.context_length
+        target = self.pipe.target
+        context = target.context_length
+        more = (f" (--context raises it, up to {target.max_context})"
+                if context < target.max_context else "")
         room = min(MIN_REPLY_ROOM, self.settings.max_new_tokens)
         ids = self.pipe.encode_chat(self.conv.messages(message))
         if len(ids) + room <= context:
@@ -183,9 +186,9 @@ class ChatREPL:
         alone = self.pipe.encode_chat(Conversation(self.conv.system).messages(message))
         if len(alone) + room > context:
             raise UserError(f"this message takes {len(alone)} tokens; with room for a reply it "
-                            f"does not fit the model's context of {context} tokens")
+                            f"does not fit the context of {context} tokens{more}")
         self.console.print(f"The context is full: the conversation and this message take "
-                           f"{len(ids)} of {context} tokens.", soft_wrap=True)
+                           f"{len(ids)} of {context} tokens{more}.", soft_wrap=True)
         if not self.ask("Drop the oldest turns to make room?"):
             self.console.print("[dim]Nothing sent. /clear starts a new conversation.[/]")
             return None
@@ -303,6 +306,11 @@ class ChatREPL:
                 raise UserError(f"{key} takes a number (got {value!r})") from None
         self.settings = replace(self.settings, **{attr: parsed})  # validates
         self.console.print(f"[dim]{key} = {parsed}[/]")
+        planned = self.pipe.target.placement
+        if key == "budget" and planned and planned.work_bytes and parsed > planned.tree_budget:
+            self.console.print(f"[dim]The target was placed with memory for {planned.tree_budget}-"
+                               "node trees; a larger tree may not fit (the budget then shrinks "
+                               "and says so). Start with --budget to place it for more.[/]")
 
     def cmd_show(self, _: str) -> None:
         s, pipe = self.settings, self.pipe

@@ -61,12 +61,13 @@ Quant = Annotated[Optional[int], typer.Option(show_default=False, help="Target w
 GpuMemory = Annotated[Optional[str], typer.Option(show_default=False, help="GPU memory the target may use, e.g. 24GiB. Default: the profile's, else what is free.")]
 DrafterDev = Annotated[Optional[str], typer.Option("--drafter", show_default=False, help="Where a draft model runs: auto (with the target), gpu or cpu. Default: the profile's, else auto.")]
 Overlap = Annotated[Optional[bool], typer.Option("--overlap/--no-overlap", show_default=False, help="Draft the next tree on a thread while the target verifies this one (pays when a pass is slow: an offloaded target). Default: the profile's, else off.")]
+ContextSize = Annotated[Optional[int], typer.Option("--context", show_default=False, help="Most tokens a conversation holds (prompt and replies); GPU memory for the KV cache is kept for this many. Default: 8192, or the model's limit if lower.")]
 TrustRemote = Annotated[bool, typer.Option(help="Allow model code from the checkpoint (off unless asked).")]
 
 
 def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, device,
                   trust_remote_code, console: Console = err, use_profile: bool = True,
-                  overlap: bool | None = None):
+                  overlap: bool | None = None, context: int | None = None):
     """Options + saved profile -> a ready pipeline (spinner and layer progress on `console`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -97,7 +98,7 @@ def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, de
             pipe = build(opts.target, opts.draft, device, trust_remote_code,
                          status=lambda msg: status.update(msg + "..."), offload=opts.offload,
                          quant=opts.quant, gpu_memory=size, drafter_device=opts.drafter,
-                         progress=progress)
+                         progress=progress, budget=opts.budget, context=context)
         finally:
             bar.stop()
     if opts.budget is not None:
@@ -125,6 +126,7 @@ def run(
     gpu_memory: GpuMemory = None,
     drafter: DrafterDev = None,
     overlap: Overlap = None,
+    context: ContextSize = None,
     trust_remote_code: TrustRemote = False,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
@@ -139,7 +141,8 @@ def run(
         settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature, top_p=top_p,
                                   max_new_tokens=max_new_tokens, seed=seed)
         pipe, opts, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory,
-                                            drafter, device, trust_remote_code, overlap=overlap)
+                                            drafter, device, trust_remote_code, overlap=overlap,
+                                            context=context)
         settings.overlap = opts.overlap
         if pipe.target.placement is not None:
             err.print(f"target: {pipe.placement_text()}", soft_wrap=True)
@@ -190,6 +193,7 @@ def chat(
     gpu_memory: GpuMemory = None,
     drafter: DrafterDev = None,
     overlap: Overlap = None,
+    context: ContextSize = None,
     trust_remote_code: TrustRemote = False,
 ) -> None:
     """Chat with the model in the terminal. /help lists the commands; Ctrl+C stops a reply."""
@@ -207,7 +211,7 @@ def chat(
                                   top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
         pipe, opts, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory,
                                             drafter, device, trust_remote_code, console=out,
-                                            overlap=overlap)
+                                            overlap=overlap, context=context)
         settings.budget, settings.overlap = pipe.default_budget, opts.overlap
         if history:
             import platformdirs
@@ -374,10 +378,13 @@ def bench_cmd(
             raise UserError("--budgets and --chains take comma-separated whole numbers") from None
         if min((b or [1]) + c) < 1 or b == []:
             raise UserError("budgets and chain lengths must be at least 1")
-        pipe, _, _ = load_pipeline(target, draft, None, quant, offload, gpu_memory, drafter,
-                                   device, trust_remote_code, console=err, use_profile=False)
-        gpu = pipe.target.device.type == "cuda"
+        from .session import pick_device
+
+        gpu = pick_device(device).type == "cuda"
         b = b or ([4, 16] if quick else [64, 256, 1024, 2048] if gpu else [2, 8, 32])
+        # The target is placed with room for the largest tree.
+        pipe, _, _ = load_pipeline(target, draft, max(b), quant, offload, gpu_memory, drafter,
+                                   device, trust_remote_code, console=err, use_profile=False)
         with err.status("benchmarking...", spinner="dots") as status:
             result = bench(pipe, out, quick, b, c, 24 if quick else max_new_tokens,
                            1 if quick else per_category, ["greedy"] if greedy_only else ["greedy", "t0.6"],

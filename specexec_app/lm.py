@@ -14,14 +14,31 @@ def model_device(model) -> torch.device:
     return next(p for p in model.parameters() if p.device.type != "meta").device
 
 
+PREFILL_CHUNK = 2048  # most rows of one pass over pending tokens (a long prompt goes in chunks)
+
+
 def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree) -> torch.Tensor:
     """One pass over `pending` tokens then `tree` on top of `kv`; the new entries are appended to
-    the cache (pending first, then nodes in order) and `kv.tokens` is left unchanged.
+    the cache (pending first, then nodes in order) and `kv.tokens` is left unchanged. A long run
+    of pending tokens (a prompt) first goes through in chunks, so that no pass computes more than
+    max(PREFILL_CHUNK, 1 + len(tree)) rows: the activations and the mask of an 8k-token prompt
+    would otherwise take gigabytes of GPU memory that the placement has given to layers.
 
-    Returns float32 logits [1 + len(tree), V]: row 0 after the last pending token (the root),
-    row 1 + i after node i.
+    Returns logits [1 + len(tree), V] in the model's dtype (rows are made float32 one at a time
+    where they are sampled: for a 2048-node tree and a 128k vocabulary a float32 copy of them all
+    would take another 1 GB of GPU memory): row 0 after the last pending token (the root), row
+    1 + i after node i.
     """
-    past = len(kv.tokens)
+    rows, done = max(PREFILL_CHUNK, len(tree) + 1), 0
+    while len(pending) - done > 1 and len(pending) - done + len(tree) > rows:
+        n = min(rows, len(pending) - done - 1)
+        _forward(model, kv, len(kv.tokens) + done, pending[done:done + n], Tree())
+        done += n
+    return _forward(model, kv, len(kv.tokens) + done, pending[done:], tree)
+
+
+def _forward(model, kv: TokenCache, past: int, pending: list[int], tree: Tree) -> torch.Tensor:
+    """`pending` then `tree` on top of the `past` entries that `kv`'s cache holds."""
     dtype = model.dtype if model.dtype.is_floating_point else torch.float32
     ids, pos, mask = tree_inputs(pending, tree, past, dtype)
     device = model_device(model)
@@ -29,15 +46,29 @@ def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree) -> torch
         out = model(input_ids=ids.to(device), position_ids=pos.to(device),
                     attention_mask=mask.to(device), past_key_values=kv.cache,
                     use_cache=True, logits_to_keep=len(tree) + 1)
-    return out.logits[0].float()
+    return out.logits[0]
+
+
+DEFAULT_CONTEXT = 8192  # tokens of a conversation when the user names none (the KV cache's room)
+
+
+def model_context(config) -> int:
+    """The most tokens the model can attend over: its position limit, or its sliding window (our
+    tree mask is full attention: beyond the window we would differ from the model)."""
+    limit = getattr(config, "max_position_embeddings", None) or 2048
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return min(limit, window) if window else limit
 
 
 class Target:
-    """The model whose output we promise: scores a tree in one pass, then commits a path."""
+    """The model whose output we promise: scores a tree in one pass, then commits a path.
+    `context` caps the conversation's tokens (prompt and replies) below the model's own limit."""
 
-    def __init__(self, model, name: str = "target"):
+    def __init__(self, model, name: str = "target", context: int | None = None):
         self.model = model
         self.name = name
+        self.max_context = model_context(model.config)
+        self.context_length = min(self.max_context, context) if context else self.max_context
         self.kv = TokenCache()
         self._pending: list[int] = []
         self.device = model_device(model)
@@ -48,14 +79,6 @@ class Target:
     def bytes_streamed(self) -> int:
         """Weight bytes copied to the device so far (0 for a resident model)."""
         return self.streamer.bytes_streamed if self.streamer else 0
-
-    @property
-    def context_length(self) -> int:
-        cfg = self.model.config
-        limit = getattr(cfg, "max_position_embeddings", None) or 2048
-        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-        # Our tree mask is full attention: beyond a sliding window we would differ from the model.
-        return min(limit, window) if window else limit
 
     def verify(self, tokens: list[int], tree: Tree) -> torch.Tensor:
         """Target logits [1 + len(tree), V] at the root (last of `tokens`) and at every node."""

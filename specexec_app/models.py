@@ -225,26 +225,41 @@ def count_params(folder: Path) -> int:
     return total
 
 
-def draft_gpu_bytes(draft: str, src: ModelSource, dsrc: ModelSource | None) -> int:
+def _config(folder: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def draft_gpu_bytes(draft: str, src: ModelSource, dsrc: ModelSource | None, tokens: int = 0) -> int:
     """The device memory a draft will take, from checkpoint headers, before anything loads:
     a self-draft is the target's weights at 8 or 4 bits with its embedding and head kept at 16
     bits (as bitsandbytes leaves them); a model draft its own weights at 16 bits (a distilled
-    one stores only its layers and shares the target's embedding and head)."""
-    import json
+    one stores only its layers and shares the target's embedding and head); and, in 16 bits,
+    its KV cache over `tokens` positions (the context and the trees it grows)."""
+    from types import SimpleNamespace
+
+    from offload.model import kv_cache_bytes
 
     if draft == "ngram":
         return 0
-    if dsrc is not None:
-        return 2 * count_params(Path(dsrc.path))
-    folder = Path(src.path)
-    params = count_params(folder)
+    cfg = _config(Path((dsrc or src).path))
     try:
-        cfg = json.loads((folder / "config.json").read_text())
+        kv = kv_cache_bytes(SimpleNamespace(**cfg), tokens, torch.bfloat16)
+    except (AttributeError, TypeError):  # no config.json (a GGUF file): its weights alone
+        kv = 0
+    if dsrc is not None:
+        return 2 * count_params(Path(dsrc.path)) + kv
+    params = count_params(Path(src.path))
+    try:
         embed = cfg["vocab_size"] * cfg["hidden_size"] * (1 if cfg.get("tie_word_embeddings") else 2)
-    except (OSError, ValueError, KeyError):
+    except KeyError:
         embed = 0
     bits = 8 if draft == "self-int8" else 4
-    return int(max(0, params - embed) * bits / 8 * 1.05 + embed * 2)
+    return int(max(0, params - embed) * bits / 8 * 1.05 + embed * 2) + kv
 
 
 def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype | None = None,

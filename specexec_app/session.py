@@ -13,13 +13,14 @@ from drafts.distilled import is_distilled, load_draft
 
 from . import engine
 from .errors import UserError
-from .lm import Target, model_device
+from .lm import DEFAULT_CONTEXT, Target, model_device
 from .models import (Status, _quiet, check_checkpoint, check_same_tokenizer, draft_gpu_bytes,
                      load_model, load_tokenizer, resolve, stop_ids)
 from .presets import get_preset
 from .settings import DecodeSettings
 
 SELF_DRAFTS = {"self-int8": "int8", "self-nf4": "nf4"}
+WORK_MARGIN = 256 * 2**20  # GPU memory kept beside the planned tensors: allocator slack, workspaces
 Progress = Callable[[int, int], None]
 
 
@@ -75,10 +76,11 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: int | None,
                  status: Status, progress: Progress | None, draft_bytes: int,
-                 trust_remote_code: bool):
+                 trust_remote_code: bool, context: int, tree_budget: int):
     """The target, resident where it fits, else with its decoder layers streamed (offload/);
-    `draft_bytes` of the device are left to the draft. A safetensors checkpoint is read layer by
-    layer as it is placed (never held whole in RAM); a GGUF file is loaded whole, then placed."""
+    `draft_bytes` of the device are left to the draft, and room is kept for a `context`-token
+    KV cache and `tree_budget`-node trees. A safetensors checkpoint is read layer by layer as it
+    is placed (never held whole in RAM); a GGUF file is loaded whole, then placed."""
     from offload import offload_model, plan_placement
     from offload.loader import load_offloaded
     from offload.model import describe
@@ -87,13 +89,14 @@ def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: i
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     if offload == "never" and quant == 16 and not is_packed(src.path):
         return load_model(src, dev, dtype=dtype, trust_remote_code=trust_remote_code)
-    # KV caches and tree activations, and the draft when it shares the device.
-    reserve = 2**30 + draft_bytes if dev.type == "cuda" else 0
+    # The draft when it shares the device, and what the allocator and CUDA's workspaces take.
+    reserve = WORK_MARGIN + draft_bytes if dev.type == "cuda" else 0
+    work = dict(context=context, tree_budget=tree_budget)
     if not src.gguf_file:
         check_checkpoint(Path(src.path))
         status(f"loading {src.name} layer by layer")
         model = load_offloaded(Path(src.path), dev, quant, offload, gpu_memory, reserve, dtype,
-                               progress, trust_remote_code)
+                               progress, trust_remote_code, **work)
         placement = model._specexec_placement
         if placement.streamed_layers == 0 and placement.quant == 16:
             model._specexec_placement = None  # all of it resident: nothing offloaded
@@ -104,7 +107,7 @@ def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: i
     model = load_model(src, torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
     try:  # already whole in RAM: the RAM left does not limit the placement
         placement = plan_placement(model, dev, quant, offload, gpu_memory, reserve,
-                                   ram_free=1 << 62, can_stream_from_disk=False)
+                                   ram_free=1 << 62, can_stream_from_disk=False, **work)
     except MemoryError as e:
         raise UserError(str(e)) from e
     if placement.streamed_layers == 0 and quant == 16:
@@ -117,18 +120,24 @@ def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: i
 def build(target: str = "default", draft: str | None = None, device: str = "auto",
           trust_remote_code: bool = False, status: Status = _quiet, offload: str = "auto",
           quant: int = 16, gpu_memory: int | None = None, drafter_device: str = "auto",
-          progress: Progress | None = None) -> Pipeline:
+          progress: Progress | None = None, budget: int | None = None,
+          context: int | None = None) -> Pipeline:
     """The pipeline for a target and draft named by the user. `drafter_device` (auto, gpu, cpu)
-    places a draft model; `progress(done, total)` follows the packing of streamed layers."""
+    places a draft model; `progress(done, total)` follows the packing of streamed layers.
+    `budget` (default: the preset's) and `context` (default `DEFAULT_CONTEXT`, at most the
+    model's) size the memory kept for trees and KV caches when the target is placed."""
     if offload not in ("auto", "always", "never", "disk"):
         raise UserError(f"--offload must be auto, always, disk or never (got {offload})")
     if quant not in (16, 8, 4):
         raise UserError(f"--quant must be 16, 8 or 4 (got {quant})")
-    budget = 32
+    if context is not None and context < 2:
+        raise UserError(f"--context must be at least 2 tokens (got {context})")
+    context = context or DEFAULT_CONTEXT
     preset = get_preset(target)
     if preset:
-        target, budget = preset.target, preset.budget
+        target = preset.target
         draft = draft or preset.draft
+    budget = budget or (preset.budget if preset else 32)
     draft = draft or "ngram"
     draft_preset = get_preset(draft)
     if draft_preset:
@@ -147,14 +156,15 @@ def build(target: str = "default", draft: str | None = None, device: str = "auto
     tokenizer = load_tokenizer(src, trust_remote_code)
     if dsrc:
         check_same_tokenizer(tokenizer, load_tokenizer(dsrc, trust_remote_code))
-    on_device = draft_gpu_bytes(draft, src, dsrc) if ddev.type == "cuda" else 0
+    on_device = draft_gpu_bytes(draft, src, dsrc, context + 2 * budget) if ddev.type == "cuda" else 0
     model = _load_target(src, dev, offload, quant, gpu_memory, status, progress, on_device,
-                         trust_remote_code)
+                         trust_remote_code, context, budget)
     stops = stop_ids(tokenizer, model)
     vocab = min(len(tokenizer), model.config.vocab_size)
 
     drafter = make_drafter(draft, dsrc, src, model, ddev, vocab, stops, trust_remote_code, status)
-    return Pipeline(Target(model, target), drafter, tokenizer, stops, target, draft, budget, src)
+    return Pipeline(Target(model, target, context), drafter, tokenizer, stops, target, draft,
+                    budget, src)
 
 
 def make_drafter(draft: str, dsrc, src, model, ddev: torch.device, vocab: int, stops: set[int],

@@ -110,28 +110,30 @@ def test_reply_equals_the_target_greedy_output(pipe, model, chat_ids, tokenizer)
 
 
 def test_context_full_offers_to_drop_the_oldest_turns(pipe):
-    cfg = pipe.target.model.config
-    old = cfg.max_position_embeddings
+    """The context (--context) full: chat offers to drop the oldest turns."""
+    target = pipe.target
+    old = target.context_length
     try:
         turns = []
         for i in range(4):
             turns += [{"role": "user", "content": f"Tell me fact number {i} about the sea."},
                       {"role": "assistant", "content": "The sea is large and deep. " * 6}]
         conv_len = len(pipe.encode_chat(Conversation(turns=turns).messages("Thanks!")))
-        cfg.max_position_embeddings = conv_len + 20  # too little room for a 24-token reply
+        target.context_length = conv_len + 20  # too little room for a 24-token reply
         r = ChatREPL(pipe, DecodeSettings(budget=4, max_new_tokens=24),
                      Console(file=io.StringIO(), width=200), read=scripted(["n", "y"]))
         r.conv.turns = [dict(t) for t in turns]
         assert r.fit_context("Thanks!") is None and len(r.conv.turns) == 8  # declined: unchanged
         ids = r.fit_context("Thanks!")  # accepted: the oldest exchanges go
-        assert ids is not None and len(ids) + 24 <= cfg.max_position_embeddings
+        assert ids is not None and len(ids) + 24 <= target.context_length
         assert 0 < len(r.conv.turns) < 8 and r.conv.turns[0]["role"] == "user"
         assert r.conv.turns[-1] == turns[-1]
-        cfg.max_position_embeddings = 30
-        with pytest.raises(UserError, match="does not fit the model's context"):
+        target.context_length = 30
+        with pytest.raises(UserError, match=r"does not fit the context of 30 tokens \(--context "
+                                            r"raises it, up to 8192\)"):
             r.fit_context("Thanks! " * 40)
     finally:
-        cfg.max_position_embeddings = old
+        target.context_length = old
 
 
 def test_failed_turn_and_bad_files_keep_the_session(pipe, tmp_path):

@@ -40,7 +40,10 @@ def test_bad_input_is_one_line(args, needle):
 
 
 def test_prompt_longer_than_the_context():
-    assert_one_line_error(invoke("hello " * 9000, "--raw"), "the model's context is 8192")
+    assert_one_line_error(invoke("hello " * 9000, "--raw"), "the context is 8192")
+    assert_one_line_error(invoke("hello " * 40, "--raw", "--context", "32"),
+                          "the prompt has 41 tokens; the context is 32 (--context raises it, "
+                          "up to 8192)")
 
 
 def test_draft_with_another_tokenizer_is_refused(source, tmp_path):
@@ -109,6 +112,8 @@ def test_offloaded_4bit_run_reports_its_placement():
     result = invoke("Say hello.", "--offload", "always", "--quant", "4", "--max-new-tokens", "8")
     assert result.exit_code == 0, result.output
     assert "0 resident + 30 streamed layers, 4-bit" in result.stderr
+    # RAM kept for the KV cache of the default context (8192) and the preset's budget (8).
+    assert "kept for the KV cache of 8192 tokens and 8-node trees" in result.stderr
     assert result.stdout.strip()
 
 

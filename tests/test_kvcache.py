@@ -53,3 +53,47 @@ def test_model_drafter_scores_are_cumulative_draft_logprobs(model, chat_ids):
             logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)
         expect = sum(float(logp[len(tokens) - 1 + k, seq[len(tokens) + k]]) for k in range(len(path)))
         assert abs(tree.scores[node] - expect) < 1e-3
+
+
+def test_a_long_prompt_goes_through_in_chunks(model, tokenizer, chat_ids, monkeypatch):
+    """A prompt longer than PREFILL_CHUNK is computed in chunks (no pass over more rows than
+    that, or than the tree): the same logits and cache as one pass, and greedy output that is
+    still the target's own."""
+    import specexec_app.lm as lm
+    from drafts import NgramDrafter
+    from specexec_app import engine
+    from specexec_app.models import stop_ids
+    from specexec_app.settings import DecodeSettings
+
+    ids = chat_ids("Repeat after me: red green blue, red green blue, red green blue, red.")
+    tree = Tree()
+    a = tree.add(100, -1, -0.1)
+    tree.add(200, a, -0.2)
+    tree.add(300, -1, -0.3)
+    whole = TokenCache()
+    want = forward_tree(model, whole, ids, tree)
+
+    monkeypatch.setattr(lm, "PREFILL_CHUNK", 16)
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        chunked = TokenCache()
+        got = forward_tree(model, chunked, ids, tree)
+        assert len(rows) == -(-(len(ids) + len(tree)) // 16) and max(rows) <= 16
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        for c, w in zip(chunked.cache.layers, whole.cache.layers):
+            torch.testing.assert_close(c.keys, w.keys, atol=1e-4, rtol=1e-4)
+
+        stops = stop_ids(tokenizer, model)
+        rows.clear()
+        done = list(engine.generate(Target(model), NgramDrafter(), ids,
+                                    DecodeSettings(budget=8, max_new_tokens=24), tokenizer, stops))[-1]
+        assert max(rows) <= 16
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    cut = next((i for i, t in enumerate(ref) if t in stops), len(ref))
+    assert done.token_ids == ref[:cut]

@@ -7,6 +7,7 @@ import torch
 
 from drafts import NgramDrafter
 from offload import offload_model, plan_placement
+from offload.model import describe
 from offload.store import pack_layer, roundtrip, unpack
 from specexec_app import engine
 from specexec_app.kvcache import TokenCache
@@ -272,6 +273,50 @@ def test_streaming_from_disk_reads_each_pass_and_computes_the_same(model, source
     done = list(engine.generate(Target(loaded), NgramDrafter(), ids,
                                 DecodeSettings(budget=16, max_new_tokens=16), tokenizer, set()))[-1]
     assert done.token_ids == want
+
+
+def test_placement_keeps_room_for_the_kv_cache_and_trees(model):
+    """Before layers are made resident, GPU memory is kept for the KV cache of the context
+    (--context) and for a pass over the largest tree (--budget); on a CPU, RAM is."""
+    from transformers import LlamaConfig
+
+    from offload.model import RAM_MARGIN, kv_cache_bytes, work_bytes
+
+    llama3_70b = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                             num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)
+    per_token = 80 * 2 * 8 * 128 * 2  # layers x (K, V) x KV heads x head dim x bf16 bytes
+    assert kv_cache_bytes(llama3_70b, 1, torch.bfloat16) == per_token == 320 * 2**10
+    cache_and_logits = per_token * (8192 + 2049) + 2049 * 128256 * 2
+    assert cache_and_logits < work_bytes(llama3_70b, 2048, 8192, torch.bfloat16) \
+        < cache_and_logits + 2**30  # and the activations of one layer over the tree
+    assert work_bytes(llama3_70b, 2048, 0, torch.bfloat16) == 0  # nothing to plan for
+
+    fp16, cuda = torch.float16, torch.device("cuda")  # arithmetic: no GPU is touched
+    layer = sum(p.numel() for p in model.model.layers[0].parameters()) * 2
+    work = work_bytes(model.config, 256, 1024, fp16)
+    assert work > layer  # its cache and trees outweigh a layer
+    plain = plan_placement(model, cuda, 16, "auto", gpu_memory=10 * 2**30, dtype=fp16)
+    budget = plain.fixed_bytes + 2 * layer + 10 * layer + work + layer // 2
+    without = plan_placement(model, cuda, 16, "auto", gpu_memory=budget, dtype=fp16)
+    kept = plan_placement(model, cuda, 16, "auto", gpu_memory=budget, dtype=fp16,
+                          context=1024, tree_budget=256)
+    assert kept.resident_layers == 10 and kept.work_bytes == work
+    assert without.resident_layers == 10 + (work + layer // 2) // layer
+    assert "KV cache of 1024 tokens and 256-node trees" in describe(kept)
+    # The context is the model's at most (8192 for SmolLM2).
+    assert plan_placement(model, cuda, 16, "auto", gpu_memory=10 * 2**30, dtype=fp16,
+                          context=10**6, tree_budget=256).context == 8192
+    with pytest.raises(MemoryError, match="the KV cache of 1024 tokens and 256-node trees "
+                                          r"\(--context, --budget\)"):
+        plan_placement(model, cuda, 16, "auto", gpu_memory=plain.fixed_bytes + 2 * layer + work // 2,
+                       dtype=fp16, context=1024, tree_budget=256)
+
+    layer32, work32 = 2 * layer, work_bytes(model.config, 256, 1024, torch.float32)  # fp32 on a CPU
+    ram = RAM_MARGIN + 2 * plain.fixed_bytes + 2 * layer32 + 5 * layer32 + work32 + layer32 // 2
+    laptop = plan_placement(model, CPU, 16, "auto", ram_free=ram, context=1024, tree_budget=256)
+    assert laptop.resident_layers == 5
+    unplanned = plan_placement(model, CPU, 16, "auto", ram_free=ram)
+    assert unplanned.resident_layers == 5 + (work32 + layer32 // 2) // layer32
 
 
 def test_placement_streams_from_disk_when_ram_is_short(model):
