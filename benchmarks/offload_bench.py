@@ -102,9 +102,12 @@ def main() -> None:
 
     for quant in (16, 4):
         model, real_layers = build(args.shape, args.layers, dtype)
-        placement = plan_placement(model, device, quant, offload="always", gpu_memory=None, dtype=dtype)
+        # Planned for the 32-token prompt of time_pass and the largest tree.
+        placement = plan_placement(model, device, quant, offload="always", gpu_memory=None,
+                                   dtype=dtype, context=32, tree_budget=max(sizes))
         placement = placement.__class__(**{**placement.__dict__, "resident_layers": 0,
                                            "streamed_layers": args.layers})
+        planned = placement.fixed_bytes + 2 * placement.packed_layer_bytes + placement.work_bytes
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         streamer = offload_model(model, device, placement, dtype=dtype)
@@ -123,10 +126,13 @@ def main() -> None:
             print(f"ours {quant:>2}-bit tree {n:>5}: {per_layer * 1000:7.2f} ms/layer, "
                   f"{per_layer * real_layers:6.2f} s/pass at {real_layers} layers"
                   + (f", {row['GBps']:.1f} GB/s" if row["GBps"] else ""), flush=True)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         result[f"ours_{quant}bit"] = dict(placement=describe(placement), rows=rows,
-                                          peak_gpu_bytes=torch.cuda.max_memory_allocated(device)
-                                          if device.type == "cuda" else None,
+                                          peak_gpu_bytes=peak, planned_gpu_bytes=planned,
                                           rss_bytes=psutil.Process().memory_info().rss)
+        if peak is not None:
+            print(f"ours {quant:>2}-bit GPU memory: peak {peak / 2**30:.2f} GiB, placement planned "
+                  f"{planned / 2**30:.2f} GiB ({'within' if peak <= planned else 'OVER'})", flush=True)
         del model, streamer
 
     if not args.skip_accelerate and device.type == "cuda":

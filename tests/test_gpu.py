@@ -118,23 +118,28 @@ def test_streamed_from_disk_equals_resident(tiny, tmp_path, packed_bits):
 
 @pytest.mark.skipif(not CUDA, reason="GPU memory accounting")
 def test_gpu_memory_stays_within_the_budget(tiny):
+    """The placement keeps room for the KV cache of the whole context and a pass over the largest
+    tree (`work_bytes`); a prompt that fills the context but for one tree's room, then that
+    tree, stay within the budget."""
     from offload.loader import load_offloaded
 
     model, folder = tiny
-    dtype = torch.float16
-    plan = plan_placement(model, DEVICE, 16, "always", gpu_memory=2**34, dtype=dtype)
-    reserve = 64 * 2**20  # KV cache and activations of a 256-token tree on this small model
-    budget = plan.fixed_bytes + reserve + 2 * plan.packed_layer_bytes + 3 * plan.layer_bytes
+    dtype, context, tree_budget = torch.float16, 1024, 256
+    plan = plan_placement(model, DEVICE, 16, "always", gpu_memory=2**34, dtype=dtype,
+                          context=context, tree_budget=tree_budget)
+    budget = plan.fixed_bytes + plan.work_bytes + 2 * plan.packed_layer_bytes + 3 * plan.layer_bytes
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(DEVICE)
     torch.cuda.reset_peak_memory_stats(DEVICE)
-    loaded = load_offloaded(folder, DEVICE, 16, "auto", budget, reserve, dtype)
+    loaded = load_offloaded(folder, DEVICE, 16, "auto", budget, 0, dtype, context=context,
+                            tree_budget=tree_budget)
     assert loaded._specexec_placement.resident_layers == 3
     tree = Tree()
     parent = -1
-    for i in range(256):
+    for i in range(tree_budget):
         parent = tree.add(100 + i, parent if i % 4 else -1, -0.1 * i)
-    forward_tree(loaded, TokenCache(), PROMPT, tree)
+    prompt = [10 + i % 2000 for i in range(context - tree_budget - 1)]
+    forward_tree(loaded, TokenCache(), prompt, tree)
     peak = torch.cuda.max_memory_allocated(DEVICE) - base
     assert peak <= budget, (peak, budget)
 
