@@ -90,21 +90,29 @@ class Done:
 
 
 class Detokenizer:
-    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters."""
+    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters.
+
+    Each push decodes only a window: the ids from the start of the previous delta on (they give
+    the new ones their context: a leading space, a byte sequence begun there), so a long reply
+    costs linear time, not quadratic."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0  # the window's first id
+        self.read = 0    # ids before this one have had their text emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):  # nothing new, or a character cut
             return ""
-        delta = text[len(self.emitted):] if text.startswith(self.emitted) else text
-        self.emitted = text
-        return delta
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
 
 
 def _sync(device: torch.device) -> None:
