@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from specexec_app.kvcache import TokenCache
-from specexec_app.lm import forward_tree, model_device
+from specexec_app.lm import forward_tree, model_device, use_fast_attention
 from specexec_app.tree import Tree, additive_mask
 
 from .base import Drafter
@@ -26,6 +26,7 @@ class ModelDrafter(Drafter):
 
     def __init__(self, model, vocab_size: int, top_k: int = 8, expand_batch: int = 32,
                  max_depth: int = 32, stop_ids: frozenset[int] = frozenset()):
+        use_fast_attention(model)
         self.model = model
         self.vocab_size = vocab_size  # ids past the shared tokenizer's vocabulary are never drafted
         self.top_k = top_k
