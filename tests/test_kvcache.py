@@ -97,3 +97,31 @@ def test_a_long_prompt_goes_through_in_chunks(model, tokenizer, chat_ids, monkey
                              max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     cut = next((i for i, t in enumerate(ref) if t in stops), len(ref))
     assert done.token_ids == ref[:cut]
+
+
+def test_our_attention_computes_what_sdpa_computes(model, chat_ids):
+    """On a CPU a tree pass shares grouped KV heads inside SDPA (lm._attention); its logits are
+    those of transformers' own "sdpa" attention."""
+    from specexec_app.lm import ATTENTION, use_fast_attention
+
+    ids = chat_ids("Name three rivers in Europe and say which is longest.")
+    tree = Tree()
+    a = tree.add(100, -1, -0.1)
+    tree.add(200, a, -0.2)
+    tree.add(300, -1, -0.3)
+    use_fast_attention(model)
+    try:
+        model.set_attn_implementation("sdpa")
+        kv = TokenCache()
+        forward_tree(model, kv, ids, Tree())
+        kv.tokens = list(ids)
+        want = forward_tree(model, kv, [42], tree)
+        model.set_attn_implementation(ATTENTION)
+        kv = TokenCache()
+        forward_tree(model, kv, ids, Tree())
+        kv.tokens = list(ids)
+        got = forward_tree(model, kv, [42], tree)
+    finally:
+        model.set_attn_implementation(ATTENTION)
+    assert model.model.layers[0].self_attn.num_key_value_groups > 1  # the grouped path ran
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
