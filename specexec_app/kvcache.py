@@ -18,7 +18,7 @@ def cache_len(cache: DynamicCache) -> int:
 def keep_slots(cache: DynamicCache, base: int, slots: list[int]) -> None:
     """Keep the first `base` entries of every layer, followed by the entries at `slots` (all at
     `base` or beyond, in that order). Only the kept entries after `base` move: the committed
-    prefix is not copied on every pass (at 6k tokens on a CPU that copy cost a third of a pass)."""
+    prefix is not copied on every pass (at 6k tokens that copy took 49 ms a pass on 2 cores)."""
     if slots == list(range(base, base + len(slots))):  # already in place (the pending tokens)
         truncate(cache, base + len(slots))
         return

@@ -32,15 +32,19 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 
 
 def use_fast_attention(model) -> None:
-    """Switch a model that runs transformers' "sdpa" attention to `_attention`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
+    """Switch a model that runs transformers' "sdpa" attention to `_attention`; a model class
+    that refuses a registered attention keeps "sdpa" (this is only a speed-up)."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return
-    AttentionInterface.register(ATTENTION, _attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    model.set_attn_implementation(ATTENTION)
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(ATTENTION, _attention)
+        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+        model.set_attn_implementation(ATTENTION)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        pass
 
 
 def model_device(model) -> torch.device:
