@@ -78,11 +78,16 @@ def _packed_bytes(layer: nn.Module, quant: int, dtype: torch.dtype) -> int:
 RAM_MARGIN = 2 * 2**30  # host RAM left to the OS and the draft
 
 
-def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
-    """The keys and values of `tokens` positions in every layer of a model with this config."""
+def _heads(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of a model with this config."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
+    """The keys and values of `tokens` positions in every layer of a model with this config."""
+    _, kv_heads, head_dim = _heads(config)
     return config.num_hidden_layers * 2 * kv_heads * head_dim * tokens * torch.finfo(dtype).bits // 8
 
 
@@ -97,8 +102,7 @@ def work_bytes(config, tree_budget: int, context: int, dtype: torch.dtype) -> in
     if not context:
         return 0
     size = torch.finfo(dtype).bits // 8
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads, _, head_dim = _heads(config)
     nodes, keys = tree_budget + 1, context + tree_budget + 1
     rows = max(nodes, min(context, PREFILL_CHUNK))
     kv_cache = kv_cache_bytes(config, keys, dtype)

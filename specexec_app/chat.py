@@ -175,10 +175,7 @@ class ChatREPL:
     def fit_context(self, message: str) -> list[int] | None:
         """Token ids of the conversation plus `message`, dropping the oldest turns if the user
         agrees when it does not leave room for a reply; None if the turn is called off."""
-        target = self.pipe.target
-        context = target.context_length
-        more = (f" (--context raises it, up to {target.max_context})"
-                if context < target.max_context else "")
+        context, more = self.pipe.target.context_length, self.pipe.target.context_hint()
         room = min(MIN_REPLY_ROOM, self.settings.max_new_tokens)
         ids = self.pipe.encode_chat(self.conv.messages(message))
         if len(ids) + room <= context:

@@ -143,9 +143,8 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
         raise UserError("the prompt is empty")
     context = target.context_length
     if len(prompt_ids) >= context:
-        more = (f" (--context raises it, up to {target.max_context})"
-                if context < target.max_context else "")
-        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the context is {context}{more}")
+        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the context is {context}"
+                        f"{target.context_hint()}")
     sample = Sampler(settings.temperature, settings.top_p, settings.seed)
     detok = Detokenizer(tokenizer)
     stats = Stats(prompt_tokens=len(prompt_ids))

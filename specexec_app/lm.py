@@ -115,6 +115,12 @@ class Target:
         self.streamer = getattr(model, "_specexec_streamer", None)  # set by offload.offload_model
         self.placement = getattr(model, "_specexec_placement", None)
 
+    def context_hint(self) -> str:
+        """For messages about a full context: how it could grow ('' at the model's limit)."""
+        if self.context_length < self.max_context:
+            return f" (--context raises it, up to {self.max_context})"
+        return ""
+
     @property
     def bytes_streamed(self) -> int:
         """Weight bytes copied to the device so far (0 for a resident model)."""
