@@ -17,10 +17,10 @@ import platform
 import statistics
 from pathlib import Path
 
-from specexec_app.bench import ALL_CATEGORIES, MODES, ours
-from specexec_app.session import build
-from specexec_app.settings import DecodeSettings
-from specexec_app.tune import bench_prompts
+from specexec_app.tools.bench import ALL_CATEGORIES, MODES, ours
+from specexec_app.loading.session import build
+from specexec_app.config.settings import DecodeSettings
+from specexec_app.tools.prompts import bench_prompts
 
 
 def main() -> None:

@@ -23,11 +23,12 @@ import psutil
 import torch
 
 from drafts import ModelDrafter, NgramDrafter
-from specexec_app import engine
-from specexec_app.lm import Target
-from specexec_app.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve, stop_ids, truncated_copy
-from specexec_app.settings import DecodeSettings
-from specexec_app.tune import bench_prompts
+from specexec_app.core import engine
+from specexec_app.core.lm import Target
+from specexec_app.loading.sources import DEFAULT_MODEL, resolve
+from specexec_app.loading.hf import load_model, load_tokenizer, stop_ids, truncated_copy
+from specexec_app.config.settings import DecodeSettings
+from specexec_app.tools.prompts import bench_prompts
 
 def main() -> None:
     ap = argparse.ArgumentParser()

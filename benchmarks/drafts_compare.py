@@ -26,13 +26,15 @@ import torch
 from drafts import ModelDrafter, NgramDrafter
 from drafts.chain import NoDraft
 from drafts.distilled import load_draft, make_draft
-from specexec_app.distill import _answer_hidden, answer
-from specexec_app.models import (DEFAULT_MODEL, SHIPPED_DRAFTS, load_model, load_tokenizer,
-                                 resolve, stop_ids)
-from specexec_app.session import Pipeline
-from specexec_app.lm import Target
-from specexec_app.settings import DecodeSettings
-from specexec_app.tune import bench_prompts, decode
+from specexec_app.tools.distill import _answer_hidden, answer
+from specexec_app.loading.sources import DEFAULT_MODEL, SHIPPED_DRAFTS
+from specexec_app.loading.hf import load_model, load_tokenizer, stop_ids
+from specexec_app.loading.sources import resolve
+from specexec_app.loading.session import Pipeline
+from specexec_app.core.lm import Target
+from specexec_app.config.settings import DecodeSettings
+from specexec_app.tools.prompts import bench_prompts
+from specexec_app.tools.tune import decode
 
 
 def agreement(draft, target, held: list[dict]) -> dict:

@@ -1,5 +1,5 @@
 """Cost of a target pass on a CPU as the context grows (the default model), side by side in one
-run: transformers' "sdpa" attention against ours (`specexec_app.lm._attention`: grouped KV heads
+run: transformers' "sdpa" attention against ours (`specexec_app.core.lm._attention`: grouped KV heads
 shared by SDPA rather than copied to every query head), and the KV commit as it was (a copy of
 the whole cache per pass) against ours (only the accepted entries move).
 
@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from specexec_app.kvcache import TokenCache
-from specexec_app.lm import ATTENTION, Target, forward_tree
-from specexec_app.models import DEFAULT_MODEL, load_model, resolve
-from specexec_app.tree import Tree
+from specexec_app.core.kvcache import TokenCache
+from specexec_app.core.lm import ATTENTION, Target, forward_tree
+from specexec_app.loading.sources import DEFAULT_MODEL, resolve
+from specexec_app.loading.hf import load_model
+from specexec_app.core.tree import Tree
 
 
 def median(xs: list[float]) -> float:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from specexec_app.tree import Tree
+from specexec_app.core.tree import Tree
 
 
 class Drafter(ABC):

@@ -6,7 +6,7 @@ verifies, under the same target, acceptance rule and caches.
 
 from __future__ import annotations
 
-from specexec_app.tree import Tree
+from specexec_app.core.tree import Tree
 
 from .base import Drafter
 from .model import ModelDrafter

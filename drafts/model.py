@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from specexec_app.kvcache import TokenCache
-from specexec_app.lm import forward_tree, model_device, use_fast_attention
-from specexec_app.tree import Tree, additive_mask
+from specexec_app.core.kvcache import TokenCache
+from specexec_app.core.lm import forward_tree, model_device, use_fast_attention
+from specexec_app.core.tree import Tree, additive_mask
 
 from .base import Drafter
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from specexec_app.tree import Tree
+from specexec_app.core.tree import Tree
 
 from .base import Drafter
 

@@ -6,7 +6,6 @@ placed in 4 bits needs about 40 GB of RAM, not 140."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,63 +15,8 @@ from specexec_app.errors import UserError
 
 from .model import offload_model, plan_placement
 from .packed import PackedReader, is_packed
-from .store import _ALIGN, DiskLayer, Entry, read_fully
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class ShardReader:
-    """Tensors by name from a folder's safetensors files, each read with plain reads into its
-    own buffer (no memory map: mapped pages of the whole file would count against RAM)."""
-
-    def __init__(self, folder: Path):
-        import struct
-
-        self.where: dict[str, tuple] = {}
-        self.files = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open while loading
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            self.files[path] = f
-            for name, t in header.items():
-                if name != "__metadata__":
-                    self.where[name] = (path, t["dtype"], t["shape"], 8 + n + t["data_offsets"][0],
-                                        t["data_offsets"][1] - t["data_offsets"][0])
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def locate(self, name: str) -> tuple[Path, torch.dtype, tuple[int, ...], int, int]:
-        """(file, dtype, shape, byte offset, bytes) of tensor `name`."""
-        path, dtype, shape, offset, nbytes = self.where[name]
-        if dtype not in _DTYPES:
-            raise UserError(f"{path}: tensor {name} has dtype {dtype}, which is not supported")
-        return path, _DTYPES[dtype], tuple(shape), offset, nbytes
-
-    def get(self, name: str) -> torch.Tensor:
-        path, dtype, shape, offset, nbytes = self.locate(name)
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        read_fully(self.files[path].fileno(), path, offset, out.numpy())
-        return out.view(dtype).reshape(shape)
-
-    def disk_layer(self, prefix: str, names: list[str], dtype: torch.dtype) -> DiskLayer:
-        """Where the tensors `prefix + name` lie in the files, as a layer to read on every pass
-        (in the checkpoint's dtype, cast to `dtype` on the compute device)."""
-        entries, segments, at = [], [], 0
-        for name in names:
-            path, stored, shape, offset, nbytes = self.locate(prefix + name)
-            entries.append(Entry(name, shape, dtype, "raw", ((at, nbytes, stored, shape),)))
-            segments.append((str(path), offset, nbytes, at))
-            at += -(-nbytes // _ALIGN) * _ALIGN
-        return DiskLayer(entries, at, tuple(segments))
-
-    def close(self) -> None:
-        for f in self.files.values():
-            f.close()
+from .shards import ShardReader
+from .store import DiskLayer
 
 
 def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from specexec_app.lm import PREFILL_CHUNK, model_context
+from specexec_app.core.lm import PREFILL_CHUNK, model_context
 
 from .store import DiskLayer, PackedLayer, pack_layer, roundtrip, unpack
 from .streamer import LayerStreamer

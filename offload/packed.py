@@ -18,6 +18,7 @@ import torch
 
 from specexec_app.errors import UserError
 
+from .shards import ShardReader
 from .store import DiskLayer, Entry, PackedLayer, pack_layer
 
 META_FILE = "specexec_packed.json"
@@ -49,7 +50,6 @@ def save_packed(src: Path, out: Path, quant: int, dtype: torch.dtype,
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .loader import ShardReader
 
     if quant not in (4, 8):
         raise UserError(f"--quant must be 8 or 4 for a packed checkpoint (got {quant})")

@@ -6,7 +6,10 @@ import tempfile
 import pytest
 import torch
 
-from specexec_app.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
+from specexec_app.core.text import encode_chat
+from specexec_app.loading.sources import DEFAULT_MODEL, resolve
+
+from specexec_app.loading.hf import load_model, load_tokenizer
 
 # A saved profile of the machine running the tests must not steer them (subprocesses inherit this).
 os.environ["SPECEXEC_CONFIG"] = tempfile.mkdtemp(prefix="specexec-test-config-")
@@ -30,8 +33,4 @@ def tokenizer(source):
 
 @pytest.fixture(scope="session")
 def chat_ids(tokenizer):
-    def encode(text: str) -> list[int]:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, tokenize=False)
-        return tokenizer(rendered, add_special_tokens=False).input_ids
-    return encode
+    return lambda text: encode_chat(tokenizer, [{"role": "user", "content": text}])

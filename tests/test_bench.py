@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from specexec_app.cli import app
+from specexec_app.ui.cli import app
 
 
 def test_bench_quick_writes_json_table_and_plots(tmp_path):

@@ -11,10 +11,10 @@ import sys
 import pytest
 from rich.console import Console
 
-from specexec_app.chat import ChatREPL, Conversation
+from specexec_app.ui.chat import ChatREPL, Conversation
 from specexec_app.errors import UserError
-from specexec_app.session import build
-from specexec_app.settings import DecodeSettings
+from specexec_app.loading.session import build
+from specexec_app.config.settings import DecodeSettings
 
 pexpect = pytest.importorskip("pexpect")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from specexec_app.cli import app
+from specexec_app.ui.cli import app
 
 runner = CliRunner()
 
@@ -94,7 +94,7 @@ def test_run_stats_json(tmp_path):
 
 def test_raw_greedy_stdout_is_exactly_the_continuation(model, tokenizer):
     prompt = "The three primary colors are"
-    proc = subprocess.run([sys.executable, "-m", "specexec_app.cli", "run", prompt, "--raw",
+    proc = subprocess.run([sys.executable, "-m", "specexec_app", "run", prompt, "--raw",
                            "--temperature", "0", "--max-new-tokens", "24", "--budget", "16"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -128,7 +128,7 @@ def test_bad_offload_options(args, needle):
 
 
 def test_resolve_names_a_gguf_file_and_a_folder(source):
-    from specexec_app.models import resolve, smollm2_gguf
+    from specexec_app.loading.sources import resolve, smollm2_gguf
 
     gguf = smollm2_gguf()
     src = resolve(str(gguf))
@@ -146,12 +146,12 @@ def test_repo_id_from_the_local_hf_cache(source, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "specexec_app.cli", "run", "Hello", "--raw",
+    proc = subprocess.run([sys.executable, "-m", "specexec_app", "run", "Hello", "--raw",
                            "--target", "local/smollm2", "--max-new-tokens", "4"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "specexec_app.cli", "run", "Hello",
+    proc = subprocess.run([sys.executable, "-m", "specexec_app", "run", "Hello",
                            "--target", "local/absent"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 1 and "model not found: local/absent" in proc.stderr

@@ -2,7 +2,7 @@
 
 import random
 
-from specexec_app.engine import Detokenizer
+from specexec_app.core.text import Detokenizer
 
 
 def test_streamed_text_is_the_decoded_reply(tokenizer):

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from drafts import ModelDrafter
 from drafts.distilled import META_FILE, load_draft
-from specexec_app.cli import app
-from specexec_app.distill import DistillSettings, Finished, Note, Progress, distill
+from specexec_app.ui.cli import app
+from specexec_app.tools.distill import DistillSettings, Finished, Note, Progress, distill
 from specexec_app.errors import UserError
-from specexec_app.models import stop_ids
+from specexec_app.loading.hf import stop_ids
 
 from test_exactness import PROMPTS, assert_same_greedy, reference, run
 

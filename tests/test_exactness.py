@@ -7,11 +7,12 @@ from scipy.stats import chisquare
 
 from drafts import ModelDrafter, NgramDrafter
 from drafts.distilled import load_draft
-from specexec_app import engine
-from specexec_app.lm import Target
-from specexec_app.models import SHIPPED_DRAFTS, load_model, stop_ids, truncated_copy
-from specexec_app.sampling import Sampler
-from specexec_app.settings import DecodeSettings
+from specexec_app.core import engine
+from specexec_app.core.lm import Target
+from specexec_app.loading.sources import SHIPPED_DRAFTS
+from specexec_app.loading.hf import load_model, stop_ids, truncated_copy
+from specexec_app.core.sampling import Sampler
+from specexec_app.config.settings import DecodeSettings
 
 PROMPTS = [
     "Write a short poem about the sea.",

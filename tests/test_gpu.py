@@ -17,11 +17,11 @@ import torch
 from drafts import ModelDrafter, NgramDrafter
 from offload import offload_model, plan_placement
 from offload.store import roundtrip
-from specexec_app import engine
-from specexec_app.kvcache import TokenCache
-from specexec_app.lm import Target, forward_tree
-from specexec_app.settings import DecodeSettings
-from specexec_app.tree import Tree
+from specexec_app.core import engine
+from specexec_app.core.kvcache import TokenCache
+from specexec_app.core.lm import Target, forward_tree
+from specexec_app.config.settings import DecodeSettings
+from specexec_app.core.tree import Tree
 from test_offload import tree_batch
 
 DEVICE = torch.device(os.environ.get("SPECEXEC_TEST_GPU", "cuda"))

@@ -3,10 +3,10 @@
 import torch
 
 from drafts import ModelDrafter
-from specexec_app.kvcache import TokenCache, truncate
-from specexec_app.lm import Target, forward_tree
-from specexec_app.sampling import Sampler, accept
-from specexec_app.tree import Tree
+from specexec_app.core.kvcache import TokenCache, truncate
+from specexec_app.core.lm import Target, forward_tree
+from specexec_app.core.sampling import Sampler, accept
+from specexec_app.core.tree import Tree
 
 
 def assert_cache_matches_prefill(model, kv: TokenCache):
@@ -59,11 +59,11 @@ def test_a_long_prompt_goes_through_in_chunks(model, tokenizer, chat_ids, monkey
     """A prompt longer than PREFILL_CHUNK is computed in chunks (no pass over more rows than
     that, or than the tree): the same logits and cache as one pass, and greedy output that is
     still the target's own."""
-    import specexec_app.lm as lm
+    import specexec_app.core.lm as lm
     from drafts import NgramDrafter
-    from specexec_app import engine
-    from specexec_app.models import stop_ids
-    from specexec_app.settings import DecodeSettings
+    from specexec_app.core import engine
+    from specexec_app.loading.hf import stop_ids
+    from specexec_app.config.settings import DecodeSettings
 
     ids = chat_ids("Repeat after me: red green blue, red green blue, red green blue, red.")
     tree = Tree()
@@ -102,7 +102,7 @@ def test_a_long_prompt_goes_through_in_chunks(model, tokenizer, chat_ids, monkey
 def test_our_attention_computes_what_sdpa_computes(model, chat_ids):
     """On a CPU a tree pass shares grouped KV heads inside SDPA (lm._attention); its logits are
     those of transformers' own "sdpa" attention."""
-    from specexec_app.lm import ATTENTION, use_fast_attention
+    from specexec_app.core.lm import ATTENTION, use_fast_attention
 
     ids = chat_ids("Name three rivers in Europe and say which is longest.")
     tree = Tree()

@@ -9,12 +9,12 @@ from drafts import NgramDrafter
 from offload import offload_model, plan_placement
 from offload.model import describe
 from offload.store import pack_layer, roundtrip, unpack
-from specexec_app import engine
-from specexec_app.kvcache import TokenCache
-from specexec_app.lm import Target, forward_tree
-from specexec_app.models import stop_ids
-from specexec_app.settings import DecodeSettings, parse_size
-from specexec_app.tree import Tree
+from specexec_app.core import engine
+from specexec_app.core.kvcache import TokenCache
+from specexec_app.core.lm import Target, forward_tree
+from specexec_app.loading.hf import stop_ids
+from specexec_app.config.settings import DecodeSettings, parse_size
+from specexec_app.core.tree import Tree
 
 CPU = torch.device("cpu")
 
@@ -111,7 +111,7 @@ def test_a_tensor_over_2_gib_reads_whole(tmp_path):
     in 16 bits, 152064 x 8192 x 2 bytes for Qwen2.5-72B) must still load, not be called cut."""
     import json
 
-    from offload.loader import ShardReader
+    from offload.shards import ShardReader
 
     n = 2**31 + 4096
     header = json.dumps({"big": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
@@ -194,7 +194,7 @@ def test_a_packed_checkpoint_loads_without_quantizing(model, source, tokenizer, 
     from typer.testing import CliRunner
 
     from offload.loader import load_offloaded
-    from specexec_app.cli import app
+    from specexec_app.ui.cli import app
     from specexec_app.errors import UserError
 
     out = tmp_path / "packed"

@@ -8,11 +8,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from drafts import Drafter, ModelDrafter, NgramDrafter
-from specexec_app import engine
-from specexec_app.lm import Target
-from specexec_app.models import stop_ids, truncated_copy
-from specexec_app.settings import DecodeSettings
-from specexec_app.tree import Tree, likeliest_path, regraft
+from specexec_app.core import engine
+from specexec_app.core.lm import Target
+from specexec_app.loading.hf import stop_ids, truncated_copy
+from specexec_app.config.settings import DecodeSettings
+from specexec_app.core.tree import Tree, likeliest_path, regraft
 
 from test_exactness import (PAIR_PROMPT, PAIR_SAMPLER, PROMPTS, assert_follows,
                             assert_same_greedy, pair_distribution, reference, run)

@@ -7,9 +7,10 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from specexec_app.cli import app
-from specexec_app.profile import choose, save_profile
-from specexec_app.tune import bench_prompts, lookup, profile_candidates
+from specexec_app.ui.cli import app
+from specexec_app.config.profile import choose, save_profile
+from specexec_app.tools.prompts import bench_prompts
+from specexec_app.tools.tune import lookup, profile_candidates
 
 runner = CliRunner()
 

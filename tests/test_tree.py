@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from specexec_app.sampling import Sampler, accept
-from specexec_app.tree import Tree, tree_inputs
+from specexec_app.core.sampling import Sampler, accept
+from specexec_app.core.tree import Tree, tree_inputs
 
 
 def random_tree(n: int, seed: int) -> Tree:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import platformdirs
 
-from .errors import UserError
+from specexec_app.errors import UserError
 
 
 def profile_path() -> Path:

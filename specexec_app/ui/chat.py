@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .engine import Done, Notice, Stats, Text
-from .errors import UserError
-from .session import Pipeline
-from .settings import DecodeSettings
+from specexec_app.core.engine import Done, Notice, Stats, Text
+from specexec_app.errors import UserError
+from specexec_app.loading.session import Pipeline
+from specexec_app.config.settings import DecodeSettings
 
 PROMPT = ">>> "
 MORE = "... "

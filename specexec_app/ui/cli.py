@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import UserError
+from specexec_app.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact SpecExec speculative decoding: chat with a big model on a small machine.")
@@ -71,9 +71,9 @@ def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, de
     """Options + saved profile -> a ready pipeline (spinner and layer progress on `console`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from .profile import choose, load_profile
-    from .session import build
-    from .settings import parse_size
+    from specexec_app.config.profile import choose, load_profile
+    from specexec_app.loading.session import build
+    from specexec_app.config.settings import parse_size
 
     profile = load_profile() if use_profile else None
     opts = choose(target, draft, budget, quant, offload, gpu_memory, drafter, profile, overlap)
@@ -130,8 +130,8 @@ def run(
     trust_remote_code: TrustRemote = False,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
-    from .engine import Done, Notice, Text
-    from .settings import DecodeSettings
+    from specexec_app.core.engine import Done, Notice, Text
+    from specexec_app.config.settings import DecodeSettings
 
     with friendly_errors():
         if prompt == "-":
@@ -197,8 +197,8 @@ def chat(
     trust_remote_code: TrustRemote = False,
 ) -> None:
     """Chat with the model in the terminal. /help lists the commands; Ctrl+C stops a reply."""
-    from .chat import ChatREPL, enable_history
-    from .settings import DecodeSettings
+    from specexec_app.ui.chat import ChatREPL, enable_history
+    from specexec_app.config.settings import DecodeSettings
 
     out = Console(highlight=False)
     import signal
@@ -241,8 +241,8 @@ def profile(
 ) -> None:
     """Measure this machine, tune quantization, placement, drafter and budget, and save the result
     for `run` and `chat`."""
-    from .profile import forget_profile, load_profile, profile_path, save_profile
-    from .tune import tune
+    from specexec_app.config.profile import forget_profile, load_profile, profile_path, save_profile
+    from specexec_app.tools.tune import tune
 
     out = Console(highlight=False)
     with friendly_errors():
@@ -318,9 +318,9 @@ def show_profile(out: Console, data: dict) -> None:
 @app.command()
 def models() -> None:
     """The presets, where each one's weights are looked for, and whether they are present."""
-    from .models import SHIPPED_DRAFTS, locate
-    from .presets import PRESETS_FILE, load_presets
-    from .session import SELF_DRAFTS
+    from specexec_app.loading.sources import SHIPPED_DRAFTS, locate
+    from specexec_app.config.presets import PRESETS_FILE, load_presets
+    from specexec_app.loading.session import SELF_DRAFTS
 
     out = Console(highlight=False)
     with friendly_errors():
@@ -366,7 +366,7 @@ def bench_cmd(
 ) -> None:
     """SpecExec against transformers generate, our target alone, and classic speculative decoding,
     on Spec-Bench prompts in one process: JSON, a Markdown table and plots in --out."""
-    from .bench import bench
+    from specexec_app.tools.bench import bench
 
     console = Console(highlight=False)
     with friendly_errors():
@@ -378,7 +378,7 @@ def bench_cmd(
             raise UserError("--budgets and --chains take comma-separated whole numbers") from None
         if min((b or [1]) + c) < 1 or b == []:
             raise UserError("budgets and chain lengths must be at least 1")
-        from .session import pick_device
+        from specexec_app.loading.session import pick_device
 
         gpu = pick_device(device).type == "cuda"
         b = b or ([4, 16] if quick else [64, 256, 1024, 2048] if gpu else [2, 8, 32])
@@ -422,9 +422,9 @@ def distill(
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
-    from .distill import DistillSettings, Finished, Note
-    from .distill import Progress as Step
-    from .distill import distill as run_distill
+    from specexec_app.tools.distill import DistillSettings, Finished, Note
+    from specexec_app.tools.distill import Progress as Step
+    from specexec_app.tools.distill import distill as run_distill
 
     console = Console(highlight=False)
     with friendly_errors():
@@ -475,8 +475,9 @@ def quantize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from offload.packed import save_packed
-    from .models import check_checkpoint, resolve
-    from .presets import get_preset
+    from specexec_app.loading.sources import resolve
+    from specexec_app.loading.checkpoint import check_checkpoint
+    from specexec_app.config.presets import get_preset
 
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     with friendly_errors():

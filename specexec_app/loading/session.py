@@ -11,13 +11,16 @@ import torch
 from drafts import Drafter, ModelDrafter, NgramDrafter
 from drafts.distilled import is_distilled, load_draft
 
-from . import engine
-from .errors import UserError
-from .lm import DEFAULT_CONTEXT, Target, model_device
-from .models import (Status, _quiet, check_checkpoint, check_same_tokenizer, draft_gpu_bytes,
-                     load_model, load_tokenizer, resolve, stop_ids)
-from .presets import get_preset
-from .settings import DecodeSettings
+from specexec_app.core import engine
+from specexec_app.errors import UserError
+from specexec_app.core.text import encode_chat
+from specexec_app.core.lm import DEFAULT_CONTEXT, Target, model_device
+from specexec_app.loading.checkpoint import check_checkpoint
+from specexec_app.loading.hf import (check_same_tokenizer, draft_gpu_bytes, load_model,
+                                     load_tokenizer, stop_ids)
+from specexec_app.loading.sources import Status, _quiet, resolve
+from specexec_app.config.presets import get_preset
+from specexec_app.config.settings import DecodeSettings
 
 SELF_DRAFTS = {"self-int8": "int8", "self-nf4": "nf4"}
 WORK_MARGIN = 256 * 2**20  # GPU memory kept beside the planned tensors: allocator slack, workspaces
@@ -44,11 +47,7 @@ class Pipeline:
                                 + [{"role": "user", "content": prompt}])
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise UserError(f"{self.target_name} has no chat template; use --raw")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return encode_chat(self.tokenizer, messages, self.target_name)
 
     def vocab_size(self) -> int:
         """Token ids a drafter may propose: those of the tokenizer that the target also has."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .kvcache import TokenCache
-from .tree import Tree, tree_inputs
+from specexec_app.core.kvcache import TokenCache
+from specexec_app.core.tree import Tree, tree_inputs
 
 
 ATTENTION = "specexec_sdpa"

@@ -24,9 +24,9 @@ import torch
 
 from drafts.chain import ChainDrafter, NoDraft
 
-from .engine import Done, generate
-from .settings import DecodeSettings
-from .tune import bench_prompts
+from specexec_app.core.engine import Done, generate
+from specexec_app.config.settings import DecodeSettings
+from specexec_app.tools.prompts import bench_prompts
 
 QUICK_CATEGORIES = ["coding", "extraction", "summarization"]
 ALL_CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",

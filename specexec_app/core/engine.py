@@ -15,11 +15,12 @@ import torch
 
 from drafts.base import Drafter
 
-from .errors import UserError
-from .lm import Target
-from .sampling import Sampler, accept
-from .settings import DecodeSettings
-from .tree import Tree, likeliest_path, regraft
+from specexec_app.errors import UserError
+from specexec_app.core.lm import Target
+from specexec_app.core.sampling import Sampler, accept
+from specexec_app.config.settings import DecodeSettings
+from specexec_app.core.text import Detokenizer
+from specexec_app.core.tree import Tree, likeliest_path, regraft
 
 
 @dataclass
@@ -87,32 +88,6 @@ class Stats:
 class Done:
     stats: Stats
     token_ids: list[int] = field(default_factory=list)
-
-
-class Detokenizer:
-    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters.
-
-    Each push decodes only a window: the ids from the start of the previous delta on (they give
-    the new ones their context: a leading space, a byte sequence begun there), so a long reply
-    costs linear time, not quadratic."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # the window's first id
-        self.read = 0    # ids before this one have had their text emitted
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        before = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        if len(text) <= len(before) or text.endswith("\ufffd"):  # nothing new, or a character cut
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
 
 
 def _sync(device: torch.device) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .tree import Tree
+from specexec_app.core.tree import Tree
 
 
 class Sampler:

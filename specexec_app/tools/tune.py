@@ -28,33 +28,15 @@ from pathlib import Path
 import psutil
 import torch
 
-from .engine import Done, Pass
-from .settings import DecodeSettings
-from .tree import Tree, chain
+from specexec_app.paths import CONFIGS
+from specexec_app.core.engine import Done, Pass
+from specexec_app.config.settings import DecodeSettings
+from specexec_app.core.tree import Tree, chain
+from specexec_app.tools.prompts import CATEGORIES, bench_prompts
 
-BENCH_FILE = Path(__file__).resolve().parent.parent / "configs" / "spec_bench_question.jsonl"
-# One prompt per category for calibration, another of the same categories for the check run.
-CATEGORIES = ["writing", "coding", "extraction", "qa", "summarization", "reasoning"]
 GB = 1e9
 
 Say = Callable[[str], None]
-
-
-def bench_prompts(categories: list[str] | None = None, first: int = 0,
-                  count: int = 1) -> list[tuple[str, str]]:
-    """(category, first turn) of prompts first..first+count-1 of each category (every category
-    when None), in the file's order."""
-    seen: dict[str, int] = {}
-    out = []
-    with open(BENCH_FILE) as f:
-        for line in f:
-            row = json.loads(line)
-            cat = row["category"]
-            if categories is None or cat in categories:
-                if first <= seen.get(cat, 0) < first + count:
-                    out.append((cat, row["turns"][0]))
-                seen[cat] = seen.get(cat, 0) + 1
-    return out
 
 
 # ---- the machine --------------------------------------------------------------------------
@@ -279,9 +261,10 @@ def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: st
          load: Callable[..., tuple]) -> dict:
     """Measure, choose, check; returns the profile to save. `load(target, draft, budget, quant,
     offload, gpu_memory, drafter, device, trust)` builds a pipeline (the CLI's loader)."""
-    from .models import count_params, resolve
-    from .presets import get_preset
-    from .session import SELF_DRAFTS, make_drafter, pick_device
+    from specexec_app.loading.sources import resolve
+    from specexec_app.loading.checkpoint import count_params
+    from specexec_app.config.presets import get_preset
+    from specexec_app.loading.session import SELF_DRAFTS, make_drafter, pick_device
 
     dev = pick_device(device_name)
     name = target or "default"
@@ -383,8 +366,10 @@ def other_drafts(pipe, dev: torch.device, gpu_memory: str | None) -> list[str]:
     from drafts.distilled import made_for
     from offload.packed import is_packed
 
-    from .models import SHIPPED_DRAFTS, draft_gpu_bytes
-    from .settings import parse_size
+    from specexec_app.loading.sources import SHIPPED_DRAFTS
+
+    from specexec_app.loading.hf import draft_gpu_bytes
+    from specexec_app.config.settings import parse_size
 
     out = [name for name, folder in SHIPPED_DRAFTS.items()
            if name != pipe.draft_name and made_for(folder, pipe.target.model)]

@@ -6,9 +6,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from specexec_app.errors import UserError
+from specexec_app.paths import CONFIGS
 
-PRESETS_FILE = Path(__file__).resolve().parent.parent / "configs" / "presets.toml"
+PRESETS_FILE = CONFIGS / "presets.toml"
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,10 @@ import torch
 
 from drafts.distilled import check_layers, embedding_probe, make_draft, own_state, save_draft
 
-from .errors import UserError
-from .lm import model_device
-from .tune import bench_prompts
+from specexec_app.core.text import encode_chat
+from specexec_app.errors import UserError
+from specexec_app.core.lm import model_device
+from specexec_app.tools.prompts import bench_prompts
 
 WORK = ".distill"
 
@@ -121,14 +122,6 @@ def prompt_sets(prompts_file: Path | None, heldout: int) -> tuple[list[str], lis
     return prompts[:-cut], prompts[-cut:]
 
 
-def _encode(tokenizer, prompt: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer(prompt).input_ids
-
-
 def answer(target, prompts: list[list[int]], max_new: int, pad_id: int, stops: set[int],
            temperature: float | None, top_k: int | None):
     """The target's answers to a batch of prompts (greedy when `temperature` is None), and for
@@ -182,11 +175,16 @@ def make_data(target, tokenizer, stops: set[int], train: list[str], held: list[s
     if data is not None and data["key"] != s.data_key():
         data = None
     if data is None:
+        def encode(prompt: str) -> list[int]:  # a target without a chat template: the plain prompt
+            if getattr(tokenizer, "chat_template", None):
+                return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+            return tokenizer(prompt).input_ids
+
         rng = random.Random(s.seed)
-        enc = [e for e in (_encode(tokenizer, p) for p in train) if len(e) <= s.max_prompt_tokens]
+        enc = [e for e in map(encode, train) if len(e) <= s.max_prompt_tokens]
         rng.shuffle(enc)
         enc = enc[: s.prompts] if s.prompts else enc
-        held_enc = [e for e in (_encode(tokenizer, p) for p in held) if len(e) <= s.max_prompt_tokens]
+        held_enc = [e for e in map(encode, held) if len(e) <= s.max_prompt_tokens]
         if not enc or not held_enc:
             raise UserError(f"no prompt fits --max-prompt-tokens {s.max_prompt_tokens}")
         # Prompts of like length share a batch (less padding); the order is shuffled in training.
