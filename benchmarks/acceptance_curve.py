@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from specexec_app.tools.bench import ALL_CATEGORIES, MODES, ours
-from specexec_app.loading.session import build
+from specexec_app.loading.session import build_named
 from specexec_app.config.settings import DecodeSettings
 from specexec_app.tools.prompts import bench_prompts
 
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out/acceptance.json"))
     args = ap.parse_args()
 
-    pipe = build(args.target, args.draft)
+    pipe = build_named(args.target, args.draft)
     prompts = bench_prompts(args.categories.split(","))
     encoded = [(cat, pipe.encode(p)) for cat, p in prompts]
     rows = []

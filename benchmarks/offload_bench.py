@@ -36,7 +36,7 @@ from offload.store import disk_readers
 from specexec_app.core.kvcache import TokenCache
 from specexec_app.core.lm import forward_tree
 from specexec_app.core.tree import chain
-from specexec_app.tools.tune import disk_read_gb_s, drop_page_cache, host_to_device_gb_s
+from specexec_app.tools.machine import disk_read_gb_s, drop_page_cache, host_to_device_gb_s
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, layers, vocab
     "llama-2-70b": (8192, 28672, 64, 8, 80, 32000),

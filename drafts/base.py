@@ -1,22 +1,5 @@
-from __future__ import annotations
+"""The drafter interface, defined in the core (the engine depends on it, not on drafts/)."""
 
-from abc import ABC, abstractmethod
+from specexec_app.core.drafter import Drafter
 
-from specexec_app.core.tree import Tree
-
-
-class Drafter(ABC):
-    """Proposes a tree of likely continuations of the committed tokens.
-
-    The acceptance rule makes the output exact whatever the tree holds; a better tree only
-    means more tokens per target pass.
-    """
-
-    name: str = "drafter"
-
-    @abstractmethod
-    def propose(self, tokens: list[int], budget: int) -> Tree:
-        """A tree of at most `budget` nodes below the last of `tokens` (the root)."""
-
-    def reset(self) -> None:
-        """Forget any state kept between calls (caches of earlier conversations)."""
+__all__ = ["Drafter"]

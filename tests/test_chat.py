@@ -13,7 +13,7 @@ from rich.console import Console
 
 from specexec_app.ui.chat import ChatREPL, Conversation
 from specexec_app.errors import UserError
-from specexec_app.loading.session import build
+from specexec_app.loading.session import build_named
 from specexec_app.config.settings import DecodeSettings
 
 pexpect = pytest.importorskip("pexpect")
@@ -25,7 +25,7 @@ def specexec_bin() -> str:
 
 @pytest.fixture(scope="module")
 def pipe():
-    return build("default")
+    return build_named("default")
 
 
 def scripted(lines):
@@ -49,35 +49,43 @@ def repl(pipe, lines, **kw):
     return r, buf.getvalue()
 
 
+def spawn_chat(*args, ignore_sigint=False):
+    """`specexec chat` in a pseudo terminal, as a person runs it (prompt_toolkit's line editor;
+    cursor position requests off, as a terminal that does not answer them)."""
+    env = dict(os.environ, COLUMNS="120", TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    return pexpect.spawn(specexec_bin(), ["chat", "--no-history", *args], env=env,
+                         encoding="utf-8", timeout=240, dimensions=(40, 120), preexec_fn=ignore)
+
+
 def test_pty_session_question_command_interrupt_exit(tmp_path):
-    """A question, /stats, a long reply stopped by Ctrl+C, /save, then Ctrl+C at the prompt."""
-    env = dict(os.environ, COLUMNS="120", TERM="xterm")
-    # The chat is started with SIGINT ignored, as a script's background job would start it: its
-    # Ctrl+C handling must not depend on that.
-    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
-    child = pexpect.spawn(specexec_bin(), ["chat", "--max-new-tokens", "300", "--no-history"],
-                          env=env, encoding="utf-8", timeout=240, dimensions=(40, 120),
-                          preexec_fn=ignore)
+    """A question, /stats, a long reply stopped by Ctrl+C, /save, Ctrl+C at the prompt (which
+    says how to leave), then Ctrl+D."""
+    # Started with SIGINT ignored, as a script's background job would start it: its Ctrl+C
+    # handling must not depend on that.
+    child = spawn_chat("--max-new-tokens", "300", ignore_sigint=True)
     try:
-        child.expect_exact(">>> ")
+        child.expect_exact(">>>")
         child.sendline("What is the capital of France?")
         child.expect("Paris")
-        child.expect(r"tok/s, [0-9.]+ accepted/pass")  # the footer
-        child.expect_exact(">>> ")
+        child.expect(r"tok/s.*[0-9.]+ accepted/pass")  # the footer
+        child.expect_exact(">>>")
         child.sendline("/stats")
         child.expect(r"session \(1 replies\)")
-        child.expect_exact(">>> ")
+        child.expect_exact(">>>")
         child.sendline("Write a long story about a dragon who learns to paint, in ten paragraphs.")
-        child.expect_exact("paragraphs.\r\n")  # the echo of what was typed
+        child.expect_exact("thinking")  # the turn has begun (the line editor let go)
         child.expect(r"\w+ \w+ \w+ \w+")  # the reply has started
         child.sendintr()
         child.expect_exact("stopped; what was said is kept")
-        child.expect_exact(">>> ")
+        child.expect_exact(">>>")
         saved = tmp_path / "conv.json"
         child.sendline(f"/save {saved}")
         child.expect_exact("Saved 4 messages")
-        child.expect_exact(">>> ")
-        child.sendintr()  # Ctrl+C at the prompt leaves cleanly
+        child.expect_exact(">>>")
+        child.sendintr()  # Ctrl+C at the prompt: a hint, not an exit
+        child.expect_exact("Use Ctrl + d or /bye to exit.")
+        child.sendeof()
         child.expect(pexpect.EOF)
     finally:
         child.close()
@@ -86,6 +94,38 @@ def test_pty_session_question_command_interrupt_exit(tmp_path):
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert "Paris" in messages[1]["content"]
     assert messages[3]["content"].strip()  # the interrupted reply keeps what was said
+
+
+def test_pty_double_interrupt_paste_and_stopped_stats():
+    """Ctrl+C twice while a reply stops neither ends the chat nor eats the next line; a
+    bracketed paste of several lines is one turn; a stopped reply counts in /stats."""
+    child = spawn_chat("--max-new-tokens", "300")
+    try:
+        child.expect_exact(">>>")
+        child.sendline("Write a long story about a dragon who learns to paint, in ten paragraphs.")
+        child.expect_exact("thinking")
+        child.expect(r"\w+ \w+ \w+ \w+")
+        child.sendintr()
+        child.sendintr()
+        child.expect_exact("stopped; what was said is kept")
+        child.expect_exact(">>>")
+        child.sendline("/stats")
+        child.expect(r"last reply: .*stop: interrupted")
+        child.expect(r"session \(1 replies\)")
+        child.expect_exact(">>>")
+        child.send("\x1b[200~Name a colour.\nOne word only.\x1b[201~")
+        child.send("\r")
+        child.expect(r"tok/s.*accepted/pass")  # one reply, whose footer follows
+        child.expect_exact(">>>")
+        child.sendline("/show")
+        # story + reply, one pasted turn + reply (rich's styles may sit between the cells)
+        child.expect(r"conversation(\x1b\[[0-9;]*m|\s)+4 messages")
+        child.expect_exact(">>>")
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
 
 
 def test_multiline_set_and_turns_keep_the_conversation(pipe):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from drafts import ModelDrafter
 from drafts.distilled import META_FILE, load_draft
 from specexec_app.ui.cli import app
-from specexec_app.tools.distill import DistillSettings, Finished, Note, Progress, distill
+from specexec_app.tools.distill import DistillSettings, Finished, Note, Step, distill
 from specexec_app.errors import UserError
 from specexec_app.loading.hf import stop_ids
 
@@ -40,7 +40,7 @@ def distilled(tmp_path_factory, model, tokenizer, prompts_file):
 
 def test_distill_learns_and_writes_a_small_draft(distilled, model):
     out, events = distilled
-    losses = [e.loss for e in events if isinstance(e, Progress) and e.stage == "training"]
+    losses = [e.loss for e in events if isinstance(e, Step) and e.stage == "training"]
     assert len(losses) == 6
     assert losses[-1] < losses[0]  # running mean of the loss falls as it trains
     report = events[-1].report
@@ -64,9 +64,9 @@ def test_distill_resumes_from_its_checkpoint(distilled, model, tokenizer, prompt
     events = list(distill(model, tokenizer, stop_ids(tokenizer, model), "smollm2", out,
                           DistillSettings(steps=8, **SETTINGS), prompts_file))
     assert any(isinstance(e, Note) and "resuming from step 6" in e.message for e in events)
-    stages = {e.stage for e in events if isinstance(e, Progress)}
+    stages = {e.stage for e in events if isinstance(e, Step)}
     assert "generating" not in stages  # the target's answers were kept
-    trained = [e.done for e in events if isinstance(e, Progress) and e.stage == "training"]
+    trained = [e.done for e in events if isinstance(e, Step) and e.stage == "training"]
     assert trained == [7, 8]
     assert events[-1].report["steps"] == 8
 

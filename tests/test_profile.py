@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from specexec_app.ui.cli import app
-from specexec_app.config.profile import choose, save_profile
+from specexec_app.config.profile import Choice, Profile, save_profile
+from specexec_app.config.settings import resolve
 from specexec_app.tools.prompts import bench_prompts
 from specexec_app.tools.tune import lookup, profile_candidates
 
@@ -49,7 +50,7 @@ def test_profile_measures_tunes_saves_and_run_uses_it(config, tmp_path):
 
     # run takes the profile's budget; an option overrides it.
     data["choice"]["budget"] = 5
-    save_profile(data)
+    save_profile(Profile.from_dict(data))
     for extra, budget in (([], 5), (["--budget", "3"], 3)):
         out = tmp_path / "s.json"
         r = runner.invoke(app, ["run", "Hi", "--max-new-tokens", "4", "--stats-json", str(out), *extra])
@@ -71,19 +72,43 @@ def test_corrupt_profile_is_a_one_line_error(config):
 
 
 def test_options_win_over_the_profile_which_wins_over_defaults():
-    prof = {"choice": {"target": "default", "draft": "ngram", "budget": 12, "quant": 8,
-                       "offload": "always", "drafter": "cpu", "gpu_memory": "12GiB",
-                       "overlap": True}}
-    o = choose(None, None, None, None, None, None, None, prof)
-    assert (o.target, o.budget, o.quant, o.offload, o.drafter, o.gpu_memory, o.overlap,
-            o.from_profile) == ("default", 12, 8, "always", "cpu", "12GiB", True, True)
-    assert choose(None, None, None, None, None, None, None, prof, overlap=False).overlap is False
-    o = choose(None, None, 4, 16, "never", None, None, prof)
-    assert (o.budget, o.quant, o.offload, o.gpu_memory) == (4, 16, "never", "12GiB")
-    o = choose("/some/other/model", None, None, None, None, None, None, prof)  # tuned for another
-    assert (o.budget, o.quant, o.offload, o.from_profile) == (None, 16, "auto", False)
-    o = choose(None, None, None, None, None, None, None, None)
-    assert (o.target, o.budget, o.quant, o.offload, o.drafter) == ("default", None, 16, "auto", "auto")
+    prof = Choice(target="default", draft="ngram", budget=12, quant=8, offload="always",
+                  drafter="cpu", gpu_memory="12GiB", overlap=True)
+    c = resolve({}, prof)
+    o = c.load
+    assert (o.target, c.decode.budget, o.budget, o.quant, o.offload, o.drafter, o.gpu_memory,
+            c.decode.overlap, c.from_profile) == ("smollm2-135m-instruct", 12, 12, 8, "always",
+                                                  "cpu", 12 * 2**30, True, True)
+    assert resolve({"overlap": False}, prof).decode.overlap is False
+    c = resolve({"budget": 4, "quant": 16, "offload": "never"}, prof)
+    assert (c.decode.budget, c.load.quant, c.load.offload, c.load.gpu_memory) == (4, 16, "never",
+                                                                                  12 * 2**30)
+    c = resolve({"target": "/some/other/model"}, prof)  # tuned for another target
+    assert (c.decode.budget, c.load.quant, c.load.offload, c.from_profile) == (32, 16, "auto", False)
+    c = resolve({}, None)  # no profile: the default preset's budget
+    assert (c.load.target, c.decode.budget, c.load.quant, c.load.offload, c.load.drafter) == (
+        "smollm2-135m-instruct", 8, 16, "auto", "auto")
+    assert c.sources["budget"] == "preset" and resolve({"budget": 3}, None).sources["budget"] == "option"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('[choice]\nbudget = "lots"\n', "choice.budget must be int or nothing (got 'lots')"),
+    ('[choice]\nquant = "x"\n', "choice.quant must be int or nothing (got 'x')"),
+    ("[choice]\ntarget = 42\n", "choice.target must be str (got 42)"),
+    ("[choice]\nbudget = -3\n", "--budget must be at least 1 (got -3)"),
+    ("[choice]\nquant = 5\n", "--quant must be 16, 8 or 4 (got 5)"),
+    (b"[choice]\ntarget = '\xff\xfe'\n", "cannot read the profile"),
+])
+def test_a_bad_profile_is_a_one_line_error_everywhere(config, text, needle):
+    """The profile goes through the same checks as the command line, in run, chat and --show."""
+    config.parent.mkdir(parents=True)
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    commands = [["run", "Hi"], ["chat"]] + ([["profile", "--show"]] if "--" not in needle else [])
+    for args in commands:
+        r = runner.invoke(app, args, input="")
+        err = r.stderr.strip()
+        assert r.exit_code == 1 and err.startswith("error:") and needle in err, (args, r.output)
+        assert len(err.splitlines()) == 1 and "Traceback" not in r.output
 
 
 def test_cost_model_pieces():

@@ -1,15 +1,122 @@
-"""The saved hardware profile (TOML in the user's config directory) and how options override it."""
-
-from __future__ import annotations
+"""The saved hardware profile: typed sections, read from and written to TOML in the user's config
+directory. Its choice goes through `settings.resolve` like the command line's values."""
 
 import os
 import tomllib
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import platformdirs
 
 from specexec_app.errors import UserError
+from specexec_app.files import write_atomic
+
+
+@dataclass
+class Machine:
+    os: str = ""
+    cpu: str = ""
+    cpu_cores: int = 0
+    cpu_threads: int = 0
+    torch_threads: int = 0
+    ram_total_gb: float = 0.0
+    ram_free_gb: float = 0.0
+    ram_copy_gb_s: float = 0.0
+    gpu: str = "none"
+    gpu_memory_gb: float = 0.0
+    gpu_free_gb: float = 0.0
+    h2d_pinned_gb_s: float | None = None
+    h2d_pageable_gb_s: float | None = None
+    weights_folder: str | None = None
+    disk_read_gb_s: float | None = None
+    disk_read_cold: bool = False
+
+
+@dataclass
+class Choice:
+    """What `run` and `chat` use, unless an option says otherwise (values as on the command line)."""
+    target: str = "default"
+    draft: str | None = None
+    quant: int | None = None
+    offload: str | None = None
+    drafter: str | None = None
+    budget: int | None = None
+    overlap: bool | None = None
+    device: str = "auto"
+    gpu_memory: str | None = None
+
+
+@dataclass
+class TargetReport:
+    name: str = ""
+    parameters: int = 0
+    quant_reason: str = ""
+    placement: str = ""
+    pass_ms: dict = field(default_factory=dict)  # tree nodes (as text) -> ms
+
+
+@dataclass
+class DraftReport:
+    name: str = ""
+    parameters: int = 0
+    speed: dict = field(default_factory=dict)  # where -> ms for a 64-node tree
+    placement_reason: str = ""
+
+
+@dataclass
+class Profile:
+    created: str = ""
+    machine: Machine = field(default_factory=Machine)
+    target: TargetReport = field(default_factory=TargetReport)
+    draft: DraftReport = field(default_factory=DraftReport)
+    calibration: list = field(default_factory=list)  # rows of the calibration table
+    choice: Choice = field(default_factory=Choice)
+    predicted_tokens_per_s: float = 0.0
+    measured_tokens_per_s: float = 0.0
+    measured_accepted_per_pass: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "the profile") -> "Profile":
+        return _typed(cls, data, where)
+
+    def to_dict(self) -> dict:
+        return _drop_none(asdict(self))
+
+
+def _drop_none(d):
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return [_drop_none(v) for v in d] if isinstance(d, list) else d
+
+
+def _typed(cls, data, where: str):
+    """An instance of the dataclass `cls` from TOML data, each value of its field's type (an int
+    is taken where a float is wanted); anything else is a one-line error naming the key."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a table")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value, kind, key = data[f.name], hints[f.name], f"{where}.{f.name}"
+        if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__"):
+            out[f.name] = _typed(kind, value, key)
+            continue
+        allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+        ok = any(value is None if t is type(None) else
+                 isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
+                 isinstance(value, int) and not isinstance(value, bool) if t is int else
+                 isinstance(value, typing.get_origin(t) or t) for t in allowed)
+        if not ok:
+            names = " or ".join("nothing" if t is type(None) else getattr(t, "__name__", str(t))
+                                for t in allowed)
+            raise UserError(f"{key} must be {names} (got {value!r}); `specexec profile --reset` "
+                            "forgets the profile")
+        out[f.name] = float(value) if float in allowed and isinstance(value, int) else value
+    return cls(**out)
 
 
 def profile_path() -> Path:
@@ -17,66 +124,36 @@ def profile_path() -> Path:
     return Path(base) / "profile.toml"
 
 
-def load_profile(path: Path | None = None) -> dict | None:
+def load_profile(path: Path | None = None) -> Profile | None:
     path = path or profile_path()
     if not path.is_file():
         return None
     try:
-        return tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"cannot read the profile {path}: {e} (specexec profile --reset "
-                        "forgets it)") from e
+                        "forgets it)") from None
+    return Profile.from_dict(data, str(path))
 
 
-def save_profile(data: dict, path: Path | None = None) -> Path:
+def save_profile(profile: Profile, path: Path | None = None) -> Path:
     import tomli_w
 
     path = path or profile_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(tomli_w.dumps(data))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path.parent}: {e.strerror or e}") from None
+    write_atomic(path, tomli_w.dumps(profile.to_dict()))
     return path
 
 
 def forget_profile(path: Path | None = None) -> bool:
     path = path or profile_path()
     if path.is_file():
-        path.unlink()
+        try:
+            path.unlink()
+        except OSError as e:
+            raise UserError(f"cannot remove {path}: {e.strerror or e}") from None
         return True
     return False
-
-
-@dataclass
-class Options:
-    """What `run` and `chat` decode with, after options, the profile and defaults."""
-    target: str = "default"
-    draft: str | None = None
-    budget: int | None = None      # None: the preset's
-    quant: int = 16
-    offload: str = "auto"
-    gpu_memory: str | None = None  # None: what is free
-    drafter: str = "auto"
-    overlap: bool = False
-    from_profile: bool = False
-
-
-def choose(target: str | None, draft: str | None, budget: int | None, quant: int | None,
-           offload: str | None, gpu_memory: str | None, drafter: str | None,
-           profile: dict | None, overlap: bool | None = None) -> Options:
-    """Options given on the command line win; the saved profile fills the rest when it was tuned
-    for the same target (or no target was named); then the defaults."""
-    choice = (profile or {}).get("choice") or {}
-    applies = bool(choice) and (target is None or target == choice.get("target"))
-    if not applies:
-        choice = {}
-    pick = lambda given, key, default: given if given is not None else choice.get(key, default)  # noqa: E731
-    return Options(target=pick(target, "target", "default"),
-                   draft=pick(draft, "draft", None),
-                   budget=pick(budget, "budget", None),
-                   quant=int(pick(quant, "quant", 16)),
-                   offload=pick(offload, "offload", "auto"),
-                   gpu_memory=pick(gpu_memory, "gpu_memory", None),
-                   drafter=pick(drafter, "drafter", "auto"),
-                   overlap=bool(pick(overlap, "overlap", False)),
-                   from_profile=applies)

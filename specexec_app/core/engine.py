@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from drafts.base import Drafter
-
+from specexec_app.core.drafter import Drafter
 from specexec_app.errors import UserError
 from specexec_app.core.lm import Target
 from specexec_app.core.sampling import Sampler, accept
-from specexec_app.config.settings import DecodeSettings
+from specexec_app.core.settings import DecodeSettings
 from specexec_app.core.text import Detokenizer
-from specexec_app.core.tree import Tree, likeliest_path, regraft
+from specexec_app.core.lookahead import Lookahead
+from specexec_app.core.tree import Tree
 
 
 @dataclass
@@ -38,6 +37,7 @@ class Pass:
     draft_s: float
     target_s: float
     streamed_bytes: int = 0
+    end_s: float = 0.0  # when the pass ended, in seconds since the reply began
 
 
 @dataclass
@@ -48,17 +48,38 @@ class Notice:
 
 @dataclass
 class Stats:
+    """A reply's counts and times, summed from its passes (`add`): a reply stopped half way
+    (Ctrl+C) still has the stats of what it did. The first pass holds the prompt's prefill."""
     prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0  # of the prompt, already in the target's KV cache
     new_tokens: int = 0
     accepted_tokens: int = 0  # tokens the passes produced: the new ones plus a final stop token
     target_passes: int = 0
     draft_s: float = 0.0
     target_s: float = 0.0
     wall_s: float = 0.0
+    prefill_s: float = 0.0      # the first pass: the prompt (less what was cached) and a tree
+    first_token_s: float = 0.0  # from the start to the first token
+    first_pass_tokens: int = 0
     tree_nodes: int = 0
     reused_trees: int = 0  # passes whose tree was drafted during the previous verification
     streamed_bytes: int = 0
+    load_s: float = 0.0    # loading the models (set by the caller; one per session)
     stop_reason: str = ""
+
+    def add(self, p: Pass) -> None:
+        if self.target_passes == 0:
+            self.prefill_s, self.first_pass_tokens = p.end_s, p.accepted
+        if p.accepted and not self.new_tokens:
+            self.first_token_s = p.end_s
+        self.target_passes += 1
+        self.new_tokens += p.accepted
+        self.accepted_tokens += p.accepted
+        self.tree_nodes += p.tree_size
+        self.draft_s += p.draft_s
+        self.target_s += p.target_s
+        self.streamed_bytes += p.streamed_bytes
+        self.wall_s = p.end_s
 
     @property
     def accepted_per_pass(self) -> float:
@@ -66,7 +87,20 @@ class Stats:
 
     @property
     def tokens_per_s(self) -> float:
+        """Generation speed: the tokens after the first pass over the time after it (the
+        prefill apart, as llama.cpp and Ollama report it); the whole reply if it took one pass."""
+        if self.target_passes > 1 and self.wall_s > self.prefill_s:
+            return (self.new_tokens - self.first_pass_tokens) / (self.wall_s - self.prefill_s)
+        return self.overall_tokens_per_s
+
+    @property
+    def overall_tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        done = self.prompt_tokens - self.reused_prompt_tokens
+        return done / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def pass_s(self) -> float:
@@ -78,10 +112,9 @@ class Stats:
         return self.streamed_bytes / self.target_s / 1e9 if self.target_s > 0 else 0.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(accepted_per_pass=self.accepted_per_pass, tokens_per_s=self.tokens_per_s,
-                 pass_s=self.pass_s, streamed_gb_per_s=self.streamed_gb_per_s)
-        return d
+        return asdict(self) | {k: getattr(self, k) for k in (
+            "accepted_per_pass", "tokens_per_s", "overall_tokens_per_s", "prompt_tokens_per_s",
+            "pass_s", "streamed_gb_per_s")}
 
 
 @dataclass
@@ -90,14 +123,29 @@ class Done:
     token_ids: list[int] = field(default_factory=list)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class Stopwatch:
+    """Laps of a pass. On CUDA the marks are events on the current stream, read once the pass's
+    last one has completed: no synchronisation of the whole device between the laps."""
 
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
 
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def laps(self) -> list[float]:
+        """Seconds between consecutive marks; starts afresh."""
+        marks, self.marks = self.marks, []
+        if self.cuda:
+            marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+        return [b - a for a, b in zip(marks, marks[1:])]
 
 
 def _cut(tokens: list[int], stop_ids: set[int], room_new: int, room_ctx: int) -> tuple[list[int], str]:
@@ -111,94 +159,72 @@ def _cut(tokens: list[int], stop_ids: set[int], room_new: int, room_ctx: int) ->
     return tokens, ""
 
 
-def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: DecodeSettings,
-             tokenizer, stop_ids: set[int]) -> Iterator[Text | Pass | Notice | Done]:
-    """Exact speculative generation after `prompt_ids`: Text, Pass and Notice events, then Done."""
+def _shrink(budget: int, tree: Tree | None, device: torch.device) -> tuple[int, str]:
+    """After the device ran out of memory while drafting (`tree` None) or verifying `tree`: the
+    budget to retry with, and what to tell the user; a one-line error where nothing is left to
+    shrink."""
+    if tree is None and budget == 1:
+        raise UserError("out of GPU memory in the draft model even at budget 1: use --drafter "
+                        "cpu or a smaller draft")
+    if tree is not None and len(tree) == 0:
+        raise UserError("out of GPU memory even without a draft tree: lower --gpu-memory or use "
+                        "--quant 4")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if tree is None:
+        budget = max(1, budget // 2)
+        return budget, f"out of GPU memory while drafting: retrying with budget {budget}"
+    budget = max(1, min(budget, len(tree)) // 2)
+    return budget, f"out of GPU memory with a {len(tree)}-node tree: retrying with budget {budget}"
+
+
+def check_prompt(target: Target, prompt_ids: list[int]) -> None:
     if not prompt_ids:
         raise UserError("the prompt is empty")
-    context = target.context_length
-    if len(prompt_ids) >= context:
-        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the context is {context}"
-                        f"{target.context_hint()}")
-    sample = Sampler(settings.temperature, settings.top_p, settings.seed)
-    detok = Detokenizer(tokenizer)
-    stats = Stats(prompt_tokens=len(prompt_ids))
-    tokens = list(prompt_ids)
-    new: list[int] = []
-    start = time.perf_counter()
-    reason = ""
-    budget = settings.budget
-    # Overlap: while the target verifies a tree, a thread drafts the next one below the draft's
-    # likeliest outcome; only the part below what was really accepted is kept. The drafter is
-    # never used by two threads at once: the main thread takes the result before drafting.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="specexec-draft") if settings.overlap else None
-    ahead: tuple[list[int], Future] | None = None
-    try:
+    if len(prompt_ids) >= target.context_length:
+        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the context is "
+                        f"{target.context_length}{target.context_hint()}")
+
+
+def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: DecodeSettings,
+             tokenizer, stop_ids: set[int]) -> Iterator[Text | Pass | Notice | Done]:
+    """Exact speculative generation after `prompt_ids`: Text, Pass and Notice events, then Done.
+    Each iteration: grow a tree, verify it in one target pass, accept, commit, cut, record."""
+    check_prompt(target, prompt_ids)
+    sample, detok, clock = Sampler(settings.temperature, settings.top_p, settings.seed), \
+        Detokenizer(tokenizer), Stopwatch(target.device)
+    stats = Stats(prompt_tokens=len(prompt_ids), reused_prompt_tokens=target.cached(prompt_ids))
+    tokens, new, reason, budget, start = list(prompt_ids), [], "", settings.budget, time.perf_counter()
+    with Lookahead(drafter, settings.overlap) as ahead:
         while not reason:
-            room_new, room_ctx = settings.max_new_tokens - len(new), context - len(tokens)
-            t0 = time.perf_counter()
-            tree = Tree()
+            room_new, room_ctx = settings.max_new_tokens - len(new), target.context_length - len(tokens)
+            tree, streamed = None, target.bytes_streamed
             try:
-                if ahead is not None:
-                    guess, future = ahead
-                    ahead = None
-                    tree = regraft(guess, future.result(), tokens)
-                    tree = tree.select(tree.best_nodes(budget))
-                    stats.reused_trees += len(tree) > 0
-                if len(tree) == 0:
-                    tree = drafter.propose(tokens, budget)
-            except torch.OutOfMemoryError:
-                if budget == 1:
-                    raise UserError("out of GPU memory in the draft model even at budget 1: "
-                                    "use --drafter cpu or a smaller draft") from None
-                _free(target.device)
-                budget = max(1, budget // 2)
-                yield Notice(f"out of GPU memory while drafting: retrying with budget {budget}")
-                continue
-            # Nodes past the room left would be wasted work, or positions outside the context.
-            tree = tree.within_depth(min(room_new, room_ctx) - 1)
-            _sync(target.device)
-            t1 = time.perf_counter()
-            if pool is not None:
-                guess = tokens + [tree.tokens[n] for n in likeliest_path(tree)]
-                if len(guess) < context:
-                    # Twice the budget: the tree that will be kept hangs one level below the
-                    # guessed leaf (under the token the target draws there), not at its root.
-                    ahead = (guess, pool.submit(drafter.propose, guess, 2 * budget))
-            streamed = target.bytes_streamed
-            try:
+                clock.mark()
+                tree = ahead.take(tokens, budget) or drafter.propose(tokens, budget)
+                # Nodes past the room left would be wasted work, or positions outside the context.
+                tree = tree.within_depth(min(room_new, room_ctx) - 1)
+                clock.mark()
+                ahead.start(tokens, tree, budget, target.context_length)
                 logits = target.verify(tokens, tree)
             except torch.OutOfMemoryError:
-                if len(tree) == 0:
-                    raise UserError("out of GPU memory even without a draft tree: lower "
-                                    "--gpu-memory or use --quant 4") from None
-                _free(target.device)
-                budget = max(1, min(budget, len(tree)) // 2)
-                yield Notice(f"out of GPU memory with a {len(tree)}-node tree: retrying with "
-                             f"budget {budget}")
+                budget, message = _shrink(budget, tree, target.device)
+                clock.laps()
+                yield Notice(message)
                 continue
             path, drawn = accept(tree, logits, sample)
             target.commit(tree, path)
-            _sync(target.device)
-            t2 = time.perf_counter()
+            clock.mark()
             out, reason = _cut(drawn, stop_ids, room_new, room_ctx)
             tokens += out
             new += out
-            stats.target_passes += 1
-            stats.tree_nodes += len(tree)
-            stats.draft_s += t1 - t0
-            stats.target_s += t2 - t1
-            streamed = target.bytes_streamed - streamed
-            stats.streamed_bytes += streamed
-            yield Pass(tree_size=len(tree), accepted=len(out), draft_s=t1 - t0, target_s=t2 - t1,
-                       streamed_bytes=streamed)
+            draft_s, target_s = clock.laps()
+            step = Pass(len(tree), len(out), draft_s, target_s, target.bytes_streamed - streamed,
+                        time.perf_counter() - start)
+            stats.add(step)
+            yield step
             if out:
                 yield Text(detok.push(out), out)
-    finally:
-        if pool is not None:  # a stopped reply (Ctrl+C, error, close) leaves no thread behind
-            pool.shutdown(wait=True, cancel_futures=True)
-    stats.new_tokens = len(new)
-    stats.accepted_tokens = len(new) + (reason == "eos")
-    stats.wall_s = time.perf_counter() - start
-    stats.stop_reason = reason
+    stats.reused_trees, stats.stop_reason = ahead.reused, reason
+    stats.accepted_tokens += reason == "eos"  # the stop token was drawn too
     yield Done(stats, new)

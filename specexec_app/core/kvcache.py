@@ -23,11 +23,15 @@ def keep_slots(cache: DynamicCache, base: int, slots: list[int]) -> None:
         truncate(cache, base + len(slots))
         return
     index, end = torch.as_tensor(slots, dtype=torch.long), base + len(slots)
+    on_device: dict[torch.device, torch.Tensor] = {}  # one copy per device, not one per layer
     with torch.inference_mode():  # the cache's tensors were made in inference mode
         for layer in cache.layers:
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue
-            idx = index.to(layer.keys.device)
+            dev = layer.keys.device
+            idx = on_device.get(dev)
+            if idx is None:
+                idx = on_device[dev] = index.to(dev, non_blocking=True)
             layer.keys[..., base:end, :] = layer.keys.index_select(-2, idx)
             layer.values[..., base:end, :] = layer.values.index_select(-2, idx)
     truncate(cache, end)
@@ -53,11 +57,15 @@ class TokenCache:
         self.cache = new_cache()
         self.tokens: list[int] = []
 
-    def sync(self, tokens: list[int]) -> list[int]:
-        common = 0
-        limit = min(len(self.tokens), len(tokens) - 1)
+    def common_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens` the cache holds already (at most all but the last)."""
+        common, limit = 0, min(len(self.tokens), len(tokens) - 1)
         while common < limit and self.tokens[common] == tokens[common]:
             common += 1
+        return common
+
+    def sync(self, tokens: list[int]) -> list[int]:
+        common = self.common_prefix(tokens)
         if common < len(self.tokens) or cache_len(self.cache) > common:
             truncate(self.cache, common)
             self.tokens = self.tokens[:common]

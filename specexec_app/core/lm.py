@@ -121,6 +121,11 @@ class Target:
             return f" (--context raises it, up to {self.max_context})"
         return ""
 
+    def cached(self, tokens: list[int]) -> int:
+        """How many of `tokens` the KV cache holds already: a pass over them computes only the
+        rest (a chat turn that resends the conversation prefills only its new tokens)."""
+        return self.kv.common_prefix(tokens)
+
     @property
     def bytes_streamed(self) -> int:
         """Weight bytes copied to the device so far (0 for a resident model)."""

@@ -20,6 +20,9 @@ def _first_line(e: BaseException) -> str:
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a GGUF's tokenizer draws a bar that fights our spinner
 
     try:
         return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,12 @@ from specexec_app.loading.checkpoint import check_checkpoint
 from specexec_app.loading.hf import (check_same_tokenizer, draft_gpu_bytes, load_model,
                                      load_tokenizer, stop_ids)
 from specexec_app.loading.sources import Status, _quiet, resolve
-from specexec_app.config.presets import get_preset
-from specexec_app.config.settings import DecodeSettings
+from specexec_app.config.settings import DecodeSettings, LoadSpec, check_device
+from specexec_app.config.settings import resolve as resolve_settings
 
 SELF_DRAFTS = {"self-int8": "int8", "self-nf4": "nf4"}
 WORK_MARGIN = 256 * 2**20  # GPU memory kept beside the planned tensors: allocator slack, workspaces
-Progress = Callable[[int, int], None]
+OnLayer = Callable[[int, int], None]  # (layers placed, layers in all)
 
 
 @dataclass
@@ -35,8 +36,8 @@ class Pipeline:
     stop_ids: set[int]
     target_name: str
     draft_name: str
-    default_budget: int
     source: object = None  # the target's ModelSource
+    load_s: float = 0.0    # seconds that loading took
 
     def encode(self, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
         if not prompt.strip():
@@ -68,13 +69,17 @@ class Pipeline:
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available")
-    return torch.device(name)
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device(check_device(name))
 
 
 def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: int | None,
-                 status: Status, progress: Progress | None, draft_bytes: int,
+                 status: Status, progress: OnLayer | None, draft_bytes: int,
                  trust_remote_code: bool, context: int, tree_budget: int):
     """The target, resident where it fits, else with its decoder layers streamed (offload/);
     `draft_bytes` of the device are left to the draft, and room is kept for a `context`-token
@@ -116,54 +121,39 @@ def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: i
     return model
 
 
-def build(target: str = "default", draft: str | None = None, device: str = "auto",
-          trust_remote_code: bool = False, status: Status = _quiet, offload: str = "auto",
-          quant: int = 16, gpu_memory: int | None = None, drafter_device: str = "auto",
-          progress: Progress | None = None, budget: int | None = None,
-          context: int | None = None) -> Pipeline:
-    """The pipeline for a target and draft named by the user. `drafter_device` (auto, gpu, cpu)
-    places a draft model; `progress(done, total)` follows the packing of streamed layers.
-    `budget` (default: the preset's) and `context` (default `DEFAULT_CONTEXT`, at most the
-    model's) size the memory kept for trees and KV caches when the target is placed."""
-    if offload not in ("auto", "always", "never", "disk"):
-        raise UserError(f"--offload must be auto, always, disk or never (got {offload})")
-    if quant not in (16, 8, 4):
-        raise UserError(f"--quant must be 16, 8 or 4 (got {quant})")
-    if context is not None and context < 2:
-        raise UserError(f"--context must be at least 2 tokens (got {context})")
-    context = context or DEFAULT_CONTEXT
-    preset = get_preset(target)
-    if preset:
-        target = preset.target
-        draft = draft or preset.draft
-    budget = budget or (preset.budget if preset else 32)
-    draft = draft or "ngram"
-    draft_preset = get_preset(draft)
-    if draft_preset:
-        draft = draft_preset.draft
-    dev = pick_device(device)
-    if drafter_device not in ("auto", "gpu", "cpu"):
-        raise UserError(f"--drafter must be auto, gpu or cpu (got {drafter_device})")
-    if drafter_device == "gpu" and dev.type != "cuda":
+def build(spec: LoadSpec, status: Status = _quiet, progress: OnLayer | None = None) -> Pipeline:
+    """The pipeline for a resolved load spec (`config.settings.resolve`): names and a tokenizer
+    mismatch are refused before any weights load; the target is placed with room for a
+    `spec.context`-token KV cache and `spec.budget`-node trees; `progress(done, total)` follows
+    the placing of its layers."""
+    started = time.perf_counter()
+    context = spec.context or DEFAULT_CONTEXT
+    dev = pick_device(spec.device)
+    if spec.drafter == "gpu" and dev.type != "cuda":
         raise UserError("--drafter gpu: the target runs on the CPU here (no CUDA GPU in use)")
-    ddev = torch.device("cpu") if drafter_device == "cpu" else dev
-
-    # Name errors and a tokenizer mismatch surface before any weights load.
-    src = resolve(target, status)
+    ddev = torch.device("cpu") if spec.drafter == "cpu" else dev
+    draft = spec.draft
+    src = resolve(spec.target, status)
     dsrc = None if draft == "ngram" or draft in SELF_DRAFTS else resolve(draft, status)
-    status(f"loading {target}")
-    tokenizer = load_tokenizer(src, trust_remote_code)
+    status(f"loading {spec.target}")
+    tokenizer = load_tokenizer(src, spec.trust_remote_code)
     if dsrc:
-        check_same_tokenizer(tokenizer, load_tokenizer(dsrc, trust_remote_code))
-    on_device = draft_gpu_bytes(draft, src, dsrc, context + 2 * budget) if ddev.type == "cuda" else 0
-    model = _load_target(src, dev, offload, quant, gpu_memory, status, progress, on_device,
-                         trust_remote_code, context, budget)
+        check_same_tokenizer(tokenizer, load_tokenizer(dsrc, spec.trust_remote_code))
+    on_device = draft_gpu_bytes(draft, src, dsrc, context + 2 * spec.budget) if ddev.type == "cuda" else 0
+    model = _load_target(src, dev, spec.offload, spec.quant, spec.gpu_memory, status, progress,
+                         on_device, spec.trust_remote_code, context, spec.budget)
     stops = stop_ids(tokenizer, model)
     vocab = min(len(tokenizer), model.config.vocab_size)
+    drafter = make_drafter(draft, dsrc, src, model, ddev, vocab, stops, spec.trust_remote_code,
+                           status)
+    return Pipeline(Target(model, spec.target, context), drafter, tokenizer, stops, spec.target,
+                    draft, src, time.perf_counter() - started)
 
-    drafter = make_drafter(draft, dsrc, src, model, ddev, vocab, stops, trust_remote_code, status)
-    return Pipeline(Target(model, target, context), drafter, tokenizer, stops, target, draft,
-                    budget, src)
+
+def build_named(target: str = "default", draft: str | None = None, **options) -> Pipeline:
+    """The pipeline for names as a user would give them (presets and defaults resolved as for
+    `specexec run`, without the saved profile): for scripts and tests."""
+    return build(resolve_settings(dict(target=target, draft=draft, **options)).load)
 
 
 def make_drafter(draft: str, dsrc, src, model, ddev: torch.device, vocab: int, stops: set[int],

@@ -8,7 +8,6 @@ import importlib.util
 import io
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import platformdirs
 import torch
 
 from specexec_app.errors import UserError
+from specexec_app.files import remove_orphans, replace_folder, temp_folder
 from specexec_app.paths import DRAFT_WEIGHTS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
@@ -28,6 +28,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_DRAFTS = {"smollm2-distilled": DRAFT_WEIGHTS / "smollm2-135m-instruct-distilled"}
 
 Status = Callable[[str], None]
+CONVERT_PREFIX = ".convert-"
 
 
 def _quiet(_: str) -> None:
@@ -79,9 +80,11 @@ def _cached_repo(spec: str) -> str | None:
 def default_model_dir(status: Status = _quiet) -> Path:
     """SmolLM2-135M-Instruct as a safetensors folder, converted from the GGUF once (~20 s)."""
     out = _converted_default_dir()
+    remove_orphans(out.parent, CONVERT_PREFIX)  # what a killed conversion left
     if _is_converted(out):
         return out
     gguf = smollm2_gguf()
+    _check_cache_writable(out.parent)
     status("converting the default model from GGUF to safetensors (once, about 20 s)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -96,16 +99,30 @@ def default_model_dir(status: Status = _quiet) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    tmp = temp_folder(out.parent, CONVERT_PREFIX)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
+    except OSError as e:
+        raise UserError(f"cannot write the converted model to {out.parent}: "
+                        f"{e.strerror or e} (SPECEXEC_HOME names another folder)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _check_cache_writable(folder: Path) -> None:
+    """Before minutes of work: the cache folder can be made and written, and what a killed
+    conversion left there is gone."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the model cache {folder}: {e.strerror or e} "
+                        "(SPECEXEC_HOME names another folder)") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the model cache {folder}: permission denied "
+                        "(SPECEXEC_HOME names another folder)")
 
 
 def resolve(spec: str, status: Status = _quiet) -> ModelSource:

@@ -25,6 +25,7 @@ import torch
 from drafts.chain import ChainDrafter, NoDraft
 
 from specexec_app.core.engine import Done, generate
+from specexec_app.files import write_atomic
 from specexec_app.config.settings import DecodeSettings
 from specexec_app.tools.prompts import bench_prompts
 
@@ -210,9 +211,9 @@ def bench(pipe, out: Path, quick: bool, budgets: list[int], chains: list[int], m
               f"draft {pipe.draft_name}, {pipe.placement_text()}; {len(prompts)} Spec-Bench "
               f"prompts ({', '.join(cats)}), {max_new} new tokens each; all figures measured "
               "in this run.")
-    (out / "results.json").write_text(json.dumps(
+    write_atomic(out / "results.json", json.dumps(
         meta | {"summary": list(summary.values()), "runs": rows}, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(summary, header))
+    write_atomic(out / "results.md", markdown(summary, header))
     files, notes = [out / "results.json", out / "results.md"], []
     try:
         files += plots(summary, out)

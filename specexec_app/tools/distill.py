@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ from drafts.distilled import check_layers, embedding_probe, make_draft, own_stat
 
 from specexec_app.core.text import encode_chat
 from specexec_app.errors import UserError
+from specexec_app.files import remove_orphans, temp_folder
 from specexec_app.core.lm import model_device
 from specexec_app.tools.prompts import bench_prompts
 
@@ -76,7 +78,7 @@ class DistillSettings:
 
 
 @dataclass
-class Progress:
+class Step:
     stage: str        # generating, evaluating, training
     done: int
     total: int
@@ -158,9 +160,51 @@ def answer(target, prompts: list[list[int]], max_new: int, pad_id: int, stops: s
 
 
 def _save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+    """Write nested dicts, lists, numbers, strings and tensors as one safetensors file: the
+    tensors as tensors, the rest as JSON in its metadata (never a pickle: a planted file in a
+    shared --out folder must not run code). Written to a temporary name, then renamed."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def pack(x):
+        if isinstance(x, torch.Tensor):
+            tensors[name := f"t{len(tensors)}"] = x.detach().cpu().contiguous()
+            return {"__tensor__": name}
+        if isinstance(x, dict):
+            return {"__items__": [[pack(k), pack(v)] for k, v in x.items()]}
+        if isinstance(x, (list, tuple)):
+            return [pack(v) for v in x]
+        return x
+
+    skeleton = json.dumps(pack(obj))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"specexec": skeleton})
     os.replace(tmp, path)
+
+
+def _load(path: Path):
+    """What `_save` wrote; a file that cannot be read is a one-line error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            skeleton = json.loads(f.metadata()["specexec"])
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, or not ours
+        raise UserError(f"{path} cannot be read ({str(e).splitlines()[0][:200]}); rerun with "
+                        "--fresh to start over") from e
+
+    def unpack(x):
+        if isinstance(x, dict):
+            if "__tensor__" in x:
+                return tensors[x["__tensor__"]]
+            return {unpack(k): unpack(v) for k, v in x["__items__"]}
+        if isinstance(x, list):
+            return [unpack(v) for v in x]
+        return x
+
+    return unpack(skeleton)
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -171,7 +215,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
 def make_data(target, tokenizer, stops: set[int], train: list[str], held: list[str],
               s: DistillSettings, path: Path) -> Iterator:
     """Generate (or resume generating) the training answers and the held-out greedy answers."""
-    data = torch.load(path, weights_only=False) if path.is_file() else None
+    data = _load(path) if path.is_file() else None
     if data is not None and data["key"] != s.data_key():
         data = None
     if data is None:
@@ -199,7 +243,7 @@ def make_data(target, tokenizer, stops: set[int], train: list[str], held: list[s
         chunk = data["prompts"][done:done + s.gen_batch]
         data["train"] += answer(target, chunk, s.max_new_tokens, pad, stops, temperature, s.top_k)
         _save(data, path)
-        yield Progress("generating", len(data["train"]), total)
+        yield Step("generating", len(data["train"]), total)
     if not data["held"]:
         for chunk in _batches(data["held_prompts"], s.gen_batch):
             data["held"] += [{"ids": r["ids"], "start": r["start"]} for r in
@@ -281,15 +325,15 @@ def evaluate(draft, held: list[dict], teacher: list[dict], temperature: float) -
 def distill(target, tokenizer, stops: set[int], target_name: str, out: Path,
             s: DistillSettings, prompts_file: Path | None = None,
             fresh: bool = False) -> Iterator:
-    """Distill a draft for `target` into `out`; yields Progress, Note, then Finished."""
+    """Distill a draft for `target` into `out`; yields Step, Note, then Finished."""
     check_layers(target, s.layers)  # before any data is made
     out = Path(out)
     work = out / WORK
     try:
         if fresh and work.exists():
-            for f in work.iterdir():
-                f.unlink()
+            shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
+        remove_orphans(out, ".draft-")
     except OSError as e:
         raise UserError(f"cannot use {out} as the output folder: {e.strerror}") from e
     random.seed(s.seed)
@@ -297,7 +341,7 @@ def distill(target, tokenizer, stops: set[int], target_name: str, out: Path,
     train, held = prompt_sets(prompts_file, s.heldout)
     started = time.perf_counter()
 
-    data = yield from make_data(target, tokenizer, stops, train, held, s, work / "data.pt")
+    data = yield from make_data(target, tokenizer, stops, train, held, s, work / "data.safetensors")
     records = [r for r in data["train"] if len(r["ids"]) > r["start"]]
     answer_tokens = sum(len(r["ids"]) - r["start"] for r in records)
     yield Note(f"{len(records)} target answers, {answer_tokens} answer tokens; "
@@ -316,20 +360,20 @@ def distill(target, tokenizer, stops: set[int], target_name: str, out: Path,
 
     eval_t = s.temperature
     teacher = _teacher_view(target, data["held"], eval_t)
-    ckpt_path = work / "checkpoint.pt"
+    ckpt_path = work / "checkpoint.safetensors"
     key = {"data": s.data_key(), "layers": s.layers, "probe": embedding_probe(target)}
     step, before, losses = 0, None, []
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = _load(ckpt_path)
         if ckpt["key"] == key:
             draft.load_state_dict(ckpt["state"], strict=False)
             optim.load_state_dict(ckpt["optim"])
             step, before, losses = ckpt["step"], ckpt["before"], ckpt["losses"]
             yield Note(f"resuming from step {step} ({ckpt_path})")
     if before is None:
-        yield Progress("evaluating", 0, 1)
+        yield Step("evaluating", 0, 1)
         before = evaluate(draft, data["held"], teacher, eval_t)
-        yield Progress("evaluating", 1, 1)
+        yield Step("evaluating", 1, 1)
 
     def checkpoint() -> None:
         _save({"key": key, "step": step, "before": before, "losses": losses,
@@ -358,11 +402,11 @@ def distill(target, tokenizer, stops: set[int], target_name: str, out: Path,
         losses.append(float(loss.detach()))
         if step % s.save_every == 0 or step == s.steps:
             checkpoint()
-        yield Progress("training", step, s.steps, sum(losses[-20:]) / len(losses[-20:]))
+        yield Step("training", step, s.steps, sum(losses[-20:]) / len(losses[-20:]))
     draft.eval()
-    yield Progress("evaluating", 0, 1)
+    yield Step("evaluating", 0, 1)
     after = evaluate(draft, data["held"], teacher, eval_t)
-    yield Progress("evaluating", 1, 1)
+    yield Step("evaluating", 1, 1)
     report = {"target": target_name, "layers": s.layers, "initialized_from_target_layers": started_from,
               "mode": s.mode, "loss": "forward KL" if s.mode == "greedy" else f"TVD at T={s.temperature:g}",
               "steps": step, "train_answers": len(records), "train_answer_tokens": answer_tokens,
@@ -370,6 +414,16 @@ def distill(target, tokenizer, stops: set[int], target_name: str, out: Path,
               "last_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
               "before": before, "after": after, "seconds_this_run": time.perf_counter() - started,
               "settings": asdict(s)}
-    save_draft(draft, out, target, target_name, tokenizer, extra={"report": report})
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    # Written whole beside OUT, then moved in file by file: a full disk or a kill leaves the
+    # previous draft (or none), never a cut one.
+    tmp = temp_folder(out, ".draft-")
+    try:
+        save_draft(draft, tmp, target, target_name, tokenizer, extra={"report": report})
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    except OSError as e:
+        raise UserError(f"cannot write the draft to {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     yield Finished(out, report)

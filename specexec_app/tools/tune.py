@@ -1,6 +1,7 @@
-"""`specexec profile`: measure this machine, then tune quantization, placement, drafter and budget.
+"""`specexec profile`: tune quantization, placement, drafter and budget from a cost model and
+measurements (the machine's own probes are in `machine.py`).
 
-The cost model (DESIGN.md, auto-tuning): decode speed at budget b is
+The cost model (the project's design notes, auto-tuning): decode speed at budget b is
 
     tokens/s(b) = A(b) / mean over passes of (t(n) + d + o)
 
@@ -9,141 +10,32 @@ the target's pass time for a tree of n nodes (timed on synthetic trees at the ch
 then looked up at each calibration pass's real tree size), d the draft time and o the per-pass
 overhead (sampling, detokenizing) measured in the same runs. The budget with the best predicted
 speed is chosen, then a check run on other prompts measures what it really gives. With a GPU
-target, overlapped drafting is predicted as A(b) / (max(t, d) + o): the budget is then the one
-whose drafting fits the pass time on this hardware. Speeds are
-decode speeds: the first pass (the prompt's prefill) is left out of both.
+target, overlapped drafting is predicted as A(b) / (max(t, d(2b)) + o) (the tree drafted ahead
+has twice the budget), and where that could pay, the check run measures the best budget with
+and without overlap and keeps the faster. Speeds are decode speeds: the first pass (the prompt's
+prefill) is left out of both.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import psutil
 import torch
 
-from specexec_app.paths import CONFIGS
+from specexec_app.config.profile import Choice, DraftReport, Machine, Profile, TargetReport
+from specexec_app.config.settings import DecodeSettings, LoadSpec
 from specexec_app.core.engine import Done, Pass
-from specexec_app.config.settings import DecodeSettings
 from specexec_app.core.tree import Tree, chain
+from specexec_app.tools.machine import measure_machine
 from specexec_app.tools.prompts import CATEGORIES, bench_prompts
 
 GB = 1e9
 
 Say = Callable[[str], None]
-
-
-# ---- the machine --------------------------------------------------------------------------
-
-def _best_of(fn: Callable[[], float], repeat: int = 5) -> float:
-    return min(fn() for _ in range(repeat))
-
-
-def host_to_device_gb_s(device: torch.device, pinned: bool, size: int = 256 * 2**20) -> float:
-    src = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
-    dst = torch.empty(size, dtype=torch.uint8, device=device)
-
-    def once() -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=pinned)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
-
-    once()
-    return size / _best_of(once) / GB
-
-
-def ram_copy_gb_s(size: int = 256 * 2**20) -> float:
-    src = torch.ones(size, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-
-    def once() -> float:
-        t = time.perf_counter()
-        dst.copy_(src)
-        return time.perf_counter() - t
-
-    once()
-    return size / _best_of(once) / GB
-
-
-def weight_files(path: Path) -> list[Path]:
-    files = [p for ext in ("*.safetensors", "*.gguf", "*.bin") for p in sorted(path.glob(ext))]
-    return [p for p in files if p.is_file()]
-
-
-def drop_page_cache(path: Path) -> bool:
-    """Ask the kernel to forget the cached pages of a file (its next read comes from the disk);
-    False where it cannot."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    except (AttributeError, OSError):
-        return False
-    return True
-
-
-def disk_read_gb_s(folder: Path, readers: int, limit: int = 2**30,
-                   window: int = 512 << 20) -> tuple[float, bool]:
-    """Read speed of the weight files in `folder` (their first `limit` bytes), read the way the
-    streamer reads a layer from disk (`window` bytes at a time, by `readers` threads), and whether
-    the page cache could be dropped first (a cold read) or the figure may include cached pages."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from offload.store import DiskLayer
-
-    reads, total = [], 0  # (file, offset, bytes)
-    for path in weight_files(folder):
-        nbytes = min(path.stat().st_size, limit - total)
-        if nbytes <= 0:
-            break
-        reads += [(str(path), at, min(window, nbytes - at)) for at in range(0, nbytes, window)]
-        total += nbytes
-    if not total:
-        return 0.0, False
-    cold = all([drop_page_cache(Path(path)) for path in {path for path, _, _ in reads}])
-    buffer = torch.empty(min(window, total), dtype=torch.uint8)
-    with ThreadPoolExecutor(readers) as pool:
-        parallel = pool if readers > 1 else None
-        start = time.perf_counter()
-        for path, at, nbytes in reads:
-            DiskLayer([], nbytes, ((path, at, nbytes, 0),)).read_into(buffer, parallel)
-        return total / max(time.perf_counter() - start, 1e-9) / GB, cold
-
-
-def measure_machine(device: torch.device, weights: Path | None) -> dict:
-    vm = psutil.virtual_memory()
-    m = {"os": platform.platform(terse=True), "cpu": platform.processor() or platform.machine(),
-         "cpu_cores": psutil.cpu_count(logical=False) or 0, "cpu_threads": psutil.cpu_count() or 0,
-         "torch_threads": torch.get_num_threads(),
-         "ram_total_gb": round(vm.total / GB, 2), "ram_free_gb": round(vm.available / GB, 2),
-         "ram_copy_gb_s": round(ram_copy_gb_s(), 2)}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        free, total = torch.cuda.mem_get_info(device)
-        m |= {"gpu": props.name, "gpu_memory_gb": round(total / GB, 2),
-              "gpu_free_gb": round(free / GB, 2),
-              "h2d_pinned_gb_s": round(host_to_device_gb_s(device, True), 2),
-              "h2d_pageable_gb_s": round(host_to_device_gb_s(device, False), 2)}
-    else:
-        m |= {"gpu": "none"}
-    if weights is not None:
-        from offload.store import disk_readers
-
-        speed, cold = disk_read_gb_s(weights, disk_readers(device))
-        m |= {"weights_folder": str(weights), "disk_read_gb_s": round(speed, 2),
-              "disk_read_cold": cold}
-    return m
 
 
 # ---- the model's costs --------------------------------------------------------------------
@@ -256,33 +148,28 @@ def profile_candidates(device: torch.device, quick: bool) -> list[int]:
     return [16, 256] if quick else [16, 64, 256, 1024, 2048]
 
 
-def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: str | None,
-         quant: int | None, quick: bool, trust_remote_code: bool, say: Say,
-         load: Callable[..., tuple]) -> dict:
-    """Measure, choose, check; returns the profile to save. `load(target, draft, budget, quant,
-    offload, gpu_memory, drafter, device, trust)` builds a pipeline (the CLI's loader)."""
-    from specexec_app.loading.sources import resolve
+def tune(spec: LoadSpec, name: str, gpu_memory: str | None, quant_given: bool, draft_given: bool,
+         quick: bool, say: Say, load: Callable[[LoadSpec], object]) -> Profile:
+    """Measure, choose, check; returns the profile to save. `spec` is what to load (the target
+    `name` as the user called it; `quant_given`: keep `spec.quant`, else choose it from RAM;
+    `draft_given`: time that draft alone, else the other drafts that fit this target too);
+    `load(spec)` builds a pipeline (the CLI's loader, with its progress)."""
     from specexec_app.loading.checkpoint import count_params
-    from specexec_app.config.presets import get_preset
     from specexec_app.loading.session import SELF_DRAFTS, make_drafter, pick_device
+    from specexec_app.loading.sources import resolve
 
-    dev = pick_device(device_name)
-    name = target or "default"
-    preset = get_preset(name)
-    src = resolve(preset.target if preset else name, say)
-    folder = Path(src.path)
-
+    dev = pick_device(spec.device)
+    folder = Path(resolve(spec.target, say).path)
     say("measuring the machine")
     machine = measure_machine(dev, folder)
     params = count_params(folder)
-    if quant is None:
-        quant, why_quant = choose_quant(params, int(machine["ram_free_gb"] * GB), dev)
-    else:
-        why_quant = "given"
-    say(f"loading {name} ({quant}-bit)")
-    pipe, opts, _ = load(target, draft, None, quant, None, gpu_memory, None, device_name,
-                         trust_remote_code)
-    candidates = [pipe.draft_name] + ([] if draft else other_drafts(pipe, dev, gpu_memory))
+    why_quant = "given"
+    if not quant_given:
+        quant, why_quant = choose_quant(params, int(machine.ram_free_gb * GB), dev)
+        spec = replace(spec, quant=quant)
+    say(f"loading {name} ({spec.quant}-bit)")
+    pipe = load(spec)
+    candidates = [pipe.draft_name] + ([] if draft_given else other_drafts(pipe, dev, gpu_memory))
     drafters = {pipe.draft_name: pipe.drafter}
 
     categories = CATEGORIES[:2] if quick else CATEGORIES[:4]
@@ -290,7 +177,8 @@ def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: st
     check = [p for _, p in bench_prompts(categories, first=1)]
     max_new = 24 if quick else 64
     prefix = pipe.encode(calib[0])
-    sizes = sorted({0, 1, *profile_candidates(dev, quick), 2 * max(profile_candidates(dev, quick))})
+    budgets = profile_candidates(dev, quick)
+    sizes = sorted({0, 1, *budgets, 2 * max(budgets)})
     say("timing target passes")
     times = pass_times(pipe.target, prefix + prefix[-1:] * (max_new // 2), sizes)
 
@@ -302,51 +190,59 @@ def tune(target: str | None, draft: str | None, device_name: str, gpu_memory: st
                                             pipe.source, pipe.target.model, dev, pipe.vocab_size(),
                                             pipe.stop_ids)
         pipe.drafter = drafters[name_d]
-        for b in profile_candidates(dev, quick):
+        for b in budgets:
             say(f"calibrating {name_d} at budget {b} on {len(calib)} Spec-Bench prompts")
             run = decode(pipe, calib, DecodeSettings(budget=b, max_new_tokens=max_new))
             rows.append({"draft": name_d, "budget": b} | predict(run, times)
                         | {"calibration_tokens_per_s": run.tokens_per_s})
-    # Overlapped drafting hides the draft behind the pass: a pass then costs max(pass, draft), so
-    # the best budget is the one whose drafting still fits the pass time on this hardware. Only
-    # where the target computes on a GPU: on a CPU the two would share the same cores.
-    overlap_ok = dev.type == "cuda"
-    for r in rows:
-        r["overlap_tokens_per_s"] = (r["accepted_per_pass"] * 1000 / (max(r["pass_ms"], r["draft_ms"])
-                                                                     + r["overhead_ms"])
-                                     if overlap_ok and r.get("pass_ms") else 0.0)
+    predict_overlap(rows, dev.type == "cuda")
     best = max(rows, key=lambda r: max(r["tokens_per_s"], r["overlap_tokens_per_s"]))
     pipe.drafter, pipe.draft_name = drafters[best["draft"]], best["draft"]
     drafters.clear()  # the other candidates' weights can go
     dparams = own_params(pipe)
-    overlap = best["overlap_tokens_per_s"] > best["tokens_per_s"] * 1.05
+    # Overlap or not: measured both ways on the check prompts where the model says it could pay.
+    tries = [False] + ([True] if best["overlap_tokens_per_s"] > best["tokens_per_s"] * 0.9 else [])
+    measured = {}
+    for overlap in tries:
+        say(f"check run at budget {best['budget']}{' with overlap' if overlap else ''} on "
+            f"{len(check)} other prompts")
+        measured[overlap] = decode(pipe, check, DecodeSettings(
+            budget=best["budget"], max_new_tokens=max_new, overlap=overlap))
+    overlap = max(measured, key=lambda o: measured[o].tokens_per_s)
     predicted = best["overlap_tokens_per_s"] if overlap else best["tokens_per_s"]
-    say(f"check run at budget {best['budget']} on {len(check)} other prompts")
-    measured = decode(pipe, check, DecodeSettings(budget=best["budget"], max_new_tokens=max_new,
-                                                  overlap=overlap))
 
-    choice = {"target": name, "draft": pipe.draft_name, "quant": quant, "offload": opts.offload,
-              "drafter": "auto", "budget": best["budget"], "overlap": overlap, "device": dev.type}
-    if gpu_memory:
-        choice["gpu_memory"] = gpu_memory
-    placement = pipe.placement_text()
     speed = draft_speed(pipe, prefix, dev)
-    choice["drafter"], why_drafter = choose_drafter(pipe, machine, speed, best, dparams)
-    return {
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine,
-        "target": {"name": name, "parameters": params, "quant_reason": why_quant,
-                   "placement": placement,
-                   "pass_ms": {str(n): round(t * 1000, 2) for n, t in times.items()}},
-        "draft": {"name": pipe.draft_name, "parameters": dparams, "speed": speed,
-                  "placement_reason": why_drafter},
-        "calibration": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
-                        for r in rows],
-        "choice": choice,
-        "predicted_tokens_per_s": round(predicted, 3),
-        "measured_tokens_per_s": round(measured.tokens_per_s, 3),
-        "measured_accepted_per_pass": round(measured.accepted_per_pass, 3),
-    }
+    drafter, why_drafter = choose_drafter(pipe, machine, speed, best, dparams)
+    choice = Choice(target=name, draft=pipe.draft_name, quant=spec.quant, offload=spec.offload,
+                    drafter=drafter, budget=best["budget"], overlap=overlap, device=dev.type,
+                    gpu_memory=gpu_memory)
+    return Profile(
+        created=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine,
+        target=TargetReport(name=name, parameters=params, quant_reason=why_quant,
+                            placement=pipe.placement_text(),
+                            pass_ms={str(n): round(t * 1000, 2) for n, t in times.items()}),
+        draft=DraftReport(name=pipe.draft_name, parameters=dparams, speed=speed,
+                          placement_reason=why_drafter),
+        calibration=[{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                     for r in rows],
+        choice=choice, predicted_tokens_per_s=round(predicted, 3),
+        measured_tokens_per_s=round(measured[overlap].tokens_per_s, 3),
+        measured_accepted_per_pass=round(measured[overlap].accepted_per_pass, 3))
+
+
+def predict_overlap(rows: list[dict], gpu: bool) -> None:
+    """Overlapped drafting hides the draft behind the pass: a pass then costs max(pass, draft of
+    the tree drafted ahead), and that tree is twice the budget (it hangs one level below the
+    guessed leaf). Its draft time is the calibration's at 2b, or twice that at b where 2b was not
+    calibrated. Only where the target computes on a GPU: on a CPU the two share the cores."""
+    for r in rows:
+        at_2b = next((o for o in rows if o["draft"] == r["draft"] and o["budget"] == 2 * r["budget"]),
+                     None)
+        draft_ms = at_2b["draft_ms"] if at_2b else 2 * r.get("draft_ms", 0.0)
+        r["overlap_draft_ms"] = draft_ms
+        r["overlap_tokens_per_s"] = (r["accepted_per_pass"] * 1000 /
+                                     (max(r["pass_ms"], draft_ms) + r["overhead_ms"])
+                                     if gpu and r.get("pass_ms") else 0.0)
 
 
 def own_params(pipe) -> int:
@@ -382,7 +278,7 @@ def other_drafts(pipe, dev: torch.device, gpu_memory: str | None) -> list[str]:
     return out
 
 
-def choose_drafter(pipe, machine: dict, speed: dict, best: dict, dparams: int) -> tuple[str, str]:
+def choose_drafter(pipe, machine: Machine, speed: dict, best: dict, dparams: int) -> tuple[str, str]:
     """Draft on the GPU, or on the CPU so that its GPU memory holds more target layers: whichever
     makes a pass (draft + streamed target) shorter."""
     if "cuda_ms" not in speed:
@@ -395,7 +291,7 @@ def choose_drafter(pipe, machine: dict, speed: dict, best: dict, dparams: int) -
     gpu_ms = speed["cuda_ms"]
     draft_bytes = dparams * 2
     freed = min(p.streamed_layers, draft_bytes // max(p.layer_bytes, 1))
-    saved_ms = freed * p.packed_layer_bytes / (machine["h2d_pinned_gb_s"] * GB) * 1000
+    saved_ms = freed * p.packed_layer_bytes / (machine.h2d_pinned_gb_s * GB) * 1000
     extra_ms = best["draft_ms"] * (speed["cpu_ms"] / max(gpu_ms, 1e-6) - 1)
     if extra_ms < saved_ms:
         return "cpu", (f"on the CPU drafting costs {extra_ms:.0f} ms more per pass but frees room "

@@ -1,28 +1,41 @@
-"""`specexec chat`: a multi-turn conversation in the terminal. This module and cli.py print."""
+"""`specexec chat`: a multi-turn conversation in the terminal, with the habits of Ollama and
+llama-cli. Line editing, bracketed paste, history search and command completion come from
+prompt_toolkit when the terminal is interactive; plain `input` otherwise."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text as RichText
 
-from specexec_app.core.engine import Done, Notice, Stats, Text
-from specexec_app.errors import UserError
-from specexec_app.loading.session import Pipeline
 from specexec_app.config.settings import DecodeSettings
+from specexec_app.core.engine import Done, Notice, Pass, Stats, Text
+from specexec_app.errors import UserError
+from specexec_app.files import write_atomic
+from specexec_app.loading.session import Pipeline
+
+from .render import stats_line, total
 
 PROMPT = ">>> "
 MORE = "... "
 MIN_REPLY_ROOM = 64  # tokens a reply needs at least before we call the context full
+LEAVE_HINT = "Use Ctrl + d or /bye to exit."
+COMMANDS = ["/help", "/set", "/show", "/stats", "/clear", "/save", "/load", "/bye", "/exit"]
 
 HELP = """\
-Type a message and press Enter. Commands:
+Type a message and press Enter (Alt+Enter, or Esc then Enter, adds a line; a paste is one
+message). Commands:
   /help                      this help
   /set budget N              draft tree nodes verified per target pass
   /set temperature T         0 = greedy
@@ -32,12 +45,14 @@ Type a message and press Enter. Commands:
   /set system TEXT|none      system prompt (starts a new conversation)
   /set footer on|off         stats line after each reply
   /set overlap on|off        draft the next tree while the target verifies
-  /show                      settings, models, placement
-  /stats                     last reply and session: tokens/s, accepted/pass, pass, draft, GB/s
+  /set parameter NAME VALUE  the same, as Ollama writes it
+  /show [template]           settings, models, placement; or the chat template
+  /stats                     last reply and session: load, prompt and generation speed,
+                             accepted/pass, pass and draft time, GB/s
   /clear                     new conversation
   /save FILE, /load FILE     the conversation as JSON
-  /exit                      leave (also Ctrl+D; Ctrl+C stops a reply)
-\"\"\" on a line of its own starts and ends a multi-line message."""
+  /bye, /exit                leave (also Ctrl+D); Ctrl+C stops a reply
+Ctrl+R searches the history. \"\"\" on a line of its own starts and ends a multi-line message."""
 
 
 @dataclass
@@ -53,19 +68,16 @@ class Conversation:
         return msgs
 
     def save(self, path: Path, extra: dict) -> None:
-        try:
-            path.write_text(json.dumps(extra | {"messages": self.messages()}, indent=2,
-                                       ensure_ascii=False) + "\n")
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+        write_atomic(path, json.dumps(extra | {"messages": self.messages()}, indent=2,
+                                      ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> Conversation:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from e
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path} is not JSON: {e}") from e
         msgs = data.get("messages") if isinstance(data, dict) else data
         if not isinstance(msgs, list):
@@ -83,34 +95,89 @@ class Conversation:
         return conv
 
 
-def total(stats: list[Stats]) -> Stats:
-    """The session's sum of every count and time (the stop reason is the last reply's)."""
-    out = Stats()
-    for s in stats:
-        for f in fields(Stats):
-            value = getattr(s, f.name)
-            setattr(out, f.name, value if isinstance(value, str) else getattr(out, f.name) + value)
-    return out
+def history_file() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("specexec")) / "chat_history"
 
 
-def stats_line(s: Stats) -> str:
-    line = (f"{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.accepted_per_pass:.2f} "
-            f"accepted/pass, {s.pass_s * 1000:.0f} ms/pass, draft {s.draft_s:.2f} s")
-    if s.streamed_bytes:
-        line += f", {s.streamed_gb_per_s:.1f} GB/s streamed"
-    return line
+def terminal_reader(history: Path | None) -> Callable[[str], str]:
+    """prompt_toolkit's line editor: bracketed paste, Alt+Enter for a new line, Ctrl+R search,
+    completion of commands, and a history file (kept in memory when it cannot be written)."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import WordCompleter
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _(event):
+        event.current_buffer.insert_text("\n")
+
+    store = InMemoryHistory()
+    if history is not None:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            with open(history, "a", encoding="utf-8"):
+                pass
+            store = FileHistory(str(history))
+        except OSError:
+            pass  # a read-only home: history for this session only
+    completer = WordCompleter(COMMANDS, sentence=True, pattern=None)
+    session = PromptSession(history=store, key_bindings=keys, completer=completer,
+                            complete_while_typing=False, enable_history_search=False)
+    return lambda prompt: session.prompt(prompt)
+
+
+class Stopping:
+    """Ctrl+C during a reply: the first one stops it (KeyboardInterrupt); more within `GRACE`
+    seconds, while it is being stopped, are swallowed, so that none is left pending to end the
+    chat at the next line. (After that, one stops it again: none can be lost for good.)"""
+
+    GRACE = 2.0
+
+    def __init__(self):
+        self.since: float | None = None
+
+    def handler(self, signum, frame):
+        now = time.monotonic()
+        if self.since is None or now - self.since > self.GRACE:
+            self.since = now
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def during_reply(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.since = None
+        old = signal.signal(signal.SIGINT, self.handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
 
 
 class ChatREPL:
-    """The loop: read a line, run a command or a turn, print. `read` is `input` by default."""
+    """The loop: read a message or a command, run it, print. `read(prompt)` reads a line (a
+    terminal line editor or `input` by default; tests pass their own)."""
 
     def __init__(self, pipe: Pipeline, settings: DecodeSettings, console: Console,
-                 system: str | None = None, footer: bool = True, placement: str = "",
-                 read: Callable[[str], str] = input):
+                 system: str | None = None, footer: bool = True, history: Path | None = None,
+                 tuned: bool = False, tip: bool = False, read: Callable[[str], str] | None = None):
         self.pipe, self.settings, self.console = pipe, settings, console
         self.conv = Conversation(system=system)
-        self.footer, self.placement, self.read = footer, placement, read
+        self.footer, self.tuned, self.tip = footer, tuned, tip
+        if read is None:
+            read = terminal_reader(history) if sys.stdin.isatty() and sys.stdout.isatty() else input
+        self.read = read
         self.history: list[Stats] = []
+        self.stopping = Stopping()
+
+    def say(self, text: str, style: str | None = None) -> None:
+        """Print `text` as it is: user strings never pass through rich markup."""
+        self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
     # ---- input -------------------------------------------------------------------------
     def read_message(self) -> str | None:
@@ -138,18 +205,27 @@ class ChatREPL:
     def ask(self, question: str) -> bool:
         try:
             answer = self.read(f"{question} [Y/n] ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             return False
         return answer.strip().lower() in ("", "y", "yes")
 
     # ---- the loop ----------------------------------------------------------------------
+    def welcome(self) -> None:
+        pipe = self.pipe
+        self.say(f"{pipe.target_name} with draft {pipe.draft_name}, budget {self.settings.budget}, "
+                 f"{pipe.placement_text()}" + (" (tuned by your profile)" if self.tuned else ""))
+        if self.tip:
+            self.say("tip: `specexec profile` tunes the budget and placement to this machine", "dim")
+        self.say("/help for commands, /bye or Ctrl+D to leave, Ctrl+C stops a reply", "dim")
+
     def loop(self) -> None:
+        self.welcome()
         while True:
             try:
                 line = self.read_message()
-            except KeyboardInterrupt:  # Ctrl+C at the prompt leaves, as Ctrl+D does
-                self.console.print()
-                return
+            except KeyboardInterrupt:  # Ctrl+C at the prompt: say how to leave, as Ollama does
+                self.say(LEAVE_HINT, "dim")
+                continue
             if line is None:
                 self.console.print()
                 return
@@ -157,19 +233,19 @@ class ChatREPL:
             if not text:
                 continue
             try:
-                if text.startswith("/"):
+                if text.startswith("/") and "\n" not in text:
                     if self.command(text) == "exit":
                         return
                 else:
                     self.turn(line)
             except UserError as e:
-                self.console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+                self.console.print(RichText.assemble(("error:", "bold red"), " ", str(e)), soft_wrap=True)
             except KeyboardInterrupt:
-                self.console.print("[dim]interrupted[/]")
+                self.say("interrupted", "dim")
             except Exception as e:  # noqa: BLE001 - a failed turn must not end the conversation
                 first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-                self.console.print(f"[bold red]error:[/] {escape(first)} (the conversation goes on)",
-                                   soft_wrap=True)
+                self.console.print(RichText.assemble(("error:", "bold red"), " ", first,
+                                                     " (the conversation goes on)"), soft_wrap=True)
 
     # ---- a turn ------------------------------------------------------------------------
     def fit_context(self, message: str) -> list[int] | None:
@@ -184,10 +260,10 @@ class ChatREPL:
         if len(alone) + room > context:
             raise UserError(f"this message takes {len(alone)} tokens; with room for a reply it "
                             f"does not fit the context of {context} tokens{more}")
-        self.console.print(f"The context is full: the conversation and this message take "
-                           f"{len(ids)} of {context} tokens{more}.", soft_wrap=True)
+        self.say(f"The context is full: the conversation and this message take {len(ids)} of "
+                 f"{context} tokens{more}.")
         if not self.ask("Drop the oldest turns to make room?"):
-            self.console.print("[dim]Nothing sent. /clear starts a new conversation.[/]")
+            self.say("Nothing sent. /clear starts a new conversation.", "dim")
             return None
         dropped = 0
         while len(ids) + room > context and self.conv.turns:
@@ -198,7 +274,7 @@ class ChatREPL:
             del self.conv.turns[:cut]
             dropped += cut
             ids = self.pipe.encode_chat(self.conv.messages(message))
-        self.console.print(f"[dim]Dropped the {dropped} oldest messages.[/]")
+        self.say(f"Dropped the {dropped} oldest messages.", "dim")
         return ids
 
     def turn(self, message: str) -> None:
@@ -207,48 +283,55 @@ class ChatREPL:
             return
         self.conv.turns.append({"role": "user", "content": message})
         reply, done, interrupted = "", None, False
+        stats = Stats(prompt_tokens=len(ids), reused_prompt_tokens=self.pipe.target.cached(ids))
         status = self.console.status("[dim]thinking...[/]", spinner="dots")
-        try:
-            status.start()
-            for event in self.pipe.generate(ids, self.settings):
-                if isinstance(event, Text) and event.text:
-                    if not reply:
+        with self.stopping.during_reply():
+            try:
+                status.start()
+                for event in self.pipe.generate(ids, self.settings):
+                    if isinstance(event, Pass):
+                        stats.add(event)
+                    elif isinstance(event, Text) and event.text:
+                        if not reply:
+                            status.stop()
+                        reply += event.text
+                        self.console.out(event.text, end="", highlight=False)
+                        self.console.file.flush()
+                    elif isinstance(event, Notice):
                         status.stop()
-                    reply += event.text
-                    self.console.out(event.text, end="", highlight=False)
-                    self.console.file.flush()
-                elif isinstance(event, Notice):
-                    status.stop()
-                    self.console.print(f"\n[yellow]note:[/] {event.message}", soft_wrap=True)
-                elif isinstance(event, Done):
-                    done = event
-        except KeyboardInterrupt:
-            interrupted = True
-        except Exception:
-            # A failed turn is not part of the conversation; the conversation goes on without it.
-            self.conv.turns.pop()
-            raise
-        finally:
-            status.stop()
-        if reply or (done is not None and not interrupted):
-            self.conv.turns.append({"role": "assistant", "content": reply})
-        else:
-            self.conv.turns.pop()  # stopped before anything was said: the message is not kept
-        self.console.print()
+                        self.console.print()
+                        self.say(f"note: {event.message}", "yellow")
+                    elif isinstance(event, Done):
+                        done = event
+            except KeyboardInterrupt:
+                interrupted = True
+            except Exception:
+                # A failed turn is not part of the conversation; it goes on without it.
+                self.conv.turns.pop()
+                raise
+            finally:
+                status.stop()
+            if reply or (done is not None and not interrupted):
+                self.conv.turns.append({"role": "assistant", "content": reply})
+            else:
+                self.conv.turns.pop()  # stopped before anything was said: the message is not kept
+            self.console.print()
         if interrupted:
-            self.console.print("[dim]stopped; what was said is kept[/]" if reply else
-                               "[dim]stopped before the reply began; the message was not kept[/]")
+            stats.stop_reason = "interrupted"
+            if reply:
+                self.history.append(stats)
+            self.say("stopped; what was said is kept" if reply else
+                     "stopped before the reply began; the message was not kept", "dim")
             return
         self.history.append(done.stats)
         if done.stats.stop_reason == "context":
-            self.console.print("[yellow]The reply filled the model's context.[/] The next message "
-                               "will offer to drop the oldest turns; /clear starts afresh.",
-                               soft_wrap=True)
+            self.say("The reply filled the model's context. The next message will offer to drop "
+                     "the oldest turns; /clear starts afresh.", "yellow")
         elif done.stats.stop_reason == "length":
-            self.console.print(f"[dim](stopped at {self.settings.max_new_tokens} tokens; "
-                               "/set max_tokens N for longer replies)[/]")
+            self.say(f"(stopped at {self.settings.max_new_tokens} tokens; /set max_tokens N for "
+                     "longer replies)", "dim")
         if self.footer:
-            self.console.print(f"[dim]{stats_line(done.stats)}[/]", soft_wrap=True)
+            self.say(stats_line(done.stats, stop=False), "dim")
 
     # ---- commands ----------------------------------------------------------------------
     def command(self, text: str) -> str | None:
@@ -265,35 +348,37 @@ class ChatREPL:
         return None
 
     def cmd_help(self, _: str) -> None:
-        self.console.print(HELP, markup=False, highlight=False)
+        self.say(HELP)
 
     def cmd_set(self, arg: str) -> None:
         key, _, value = arg.partition(" ")
+        if key.lower() == "parameter":  # Ollama: /set parameter temperature 0.7
+            key, _, value = value.strip().partition(" ")
         key, value = key.lower().replace("-", "_"), value.strip()
         if not key or not value:
-            raise UserError("usage: /set budget|temperature|top_p|max_tokens|seed|system|footer VALUE")
+            raise UserError("usage: /set budget|temperature|top_p|max_tokens|seed|system|footer|"
+                            "overlap VALUE")
         if key == "system":
             self.conv = Conversation(system=None if value.lower() == "none" else value)
-            self.console.print("[dim]System prompt set; new conversation.[/]")
+            self.say("System prompt set; new conversation.", "dim")
             return
-        if key == "overlap":
+        if key in ("overlap", "footer"):
             if value.lower() not in ("on", "off"):
-                raise UserError("usage: /set overlap on|off")
-            self.settings = replace(self.settings, overlap=value.lower() == "on")
-            self.console.print(f"[dim]overlap = {value.lower()}[/]")
+                raise UserError(f"usage: /set {key} on|off")
+            if key == "overlap":
+                self.settings = replace(self.settings, overlap=value.lower() == "on")
+            else:
+                self.footer = value.lower() == "on"
+            self.say(f"{key} = {value.lower()}", "dim")
             return
-        if key == "footer":
-            if value.lower() not in ("on", "off"):
-                raise UserError("usage: /set footer on|off")
-            self.footer = value.lower() == "on"
-            return
-        fields = {"budget": ("budget", int), "temperature": ("temperature", float),
-                  "top_p": ("top_p", float), "max_tokens": ("max_new_tokens", int),
-                  "max_new_tokens": ("max_new_tokens", int), "seed": ("seed", int)}
-        if key not in fields:
+        fields_ = {"budget": ("budget", int), "temperature": ("temperature", float),
+                   "top_p": ("top_p", float), "max_tokens": ("max_new_tokens", int),
+                   "max_new_tokens": ("max_new_tokens", int), "num_predict": ("max_new_tokens", int),
+                   "seed": ("seed", int)}
+        if key not in fields_:
             raise UserError(f"cannot set {key}; settable: budget, temperature, top_p, "
                             "max_tokens, seed, system, footer, overlap")
-        attr, kind = fields[key]
+        attr, kind = fields_[key]
         if key == "seed" and value.lower() == "none":
             parsed = None
         else:
@@ -302,45 +387,50 @@ class ChatREPL:
             except ValueError:
                 raise UserError(f"{key} takes a number (got {value!r})") from None
         self.settings = replace(self.settings, **{attr: parsed})  # validates
-        self.console.print(f"[dim]{key} = {parsed}[/]")
+        self.say(f"{key} = {getattr(self.settings, attr)}", "dim")
         planned = self.pipe.target.placement
         if key == "budget" and planned and planned.work_bytes and parsed > planned.tree_budget:
-            self.console.print(f"[dim]The target was placed with memory for {planned.tree_budget}-"
-                               "node trees; a larger tree may not fit (the budget then shrinks "
-                               "and says so). Start with --budget to place it for more.[/]")
+            self.say(f"The target was placed with memory for {planned.tree_budget}-node trees; a "
+                     "larger tree may not fit (the budget then shrinks and says so). Start with "
+                     "--budget to place it for more.", "dim")
 
-    def cmd_show(self, _: str) -> None:
+    def cmd_show(self, arg: str) -> None:
         s, pipe = self.settings, self.pipe
+        if arg.lower() == "template":
+            template = getattr(pipe.tokenizer, "chat_template", None)
+            self.say(template if isinstance(template, str) else "(no chat template)")
+            return
+        if arg and arg.lower() not in ("info", "settings", "parameters"):
+            raise UserError("usage: /show [template]")
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold")
         table.add_column()
         rows = [("target", pipe.target_name), ("draft", pipe.draft_name),
-                ("placement", self.placement or f"resident on {pipe.target.device}"),
+                ("placement", pipe.placement_text()),
                 ("context", f"{pipe.target.context_length} tokens"),
                 ("budget", str(s.budget)), ("temperature", str(s.temperature)),
                 ("top_p", str(s.top_p)), ("max_tokens", str(s.max_new_tokens)),
-                ("seed", str(s.seed)), ("overlap", "on" if s.overlap else "off"), ("system", self.conv.system or "(the template's default)"),
+                ("seed", str(s.seed)), ("overlap", "on" if s.overlap else "off"),
+                ("system", self.conv.system or "(the template's default)"),
                 ("footer", "on" if self.footer else "off"),
                 ("conversation", f"{len(self.conv.turns)} messages")]
         for k, v in rows:
-            table.add_row(k, v)
+            table.add_row(k, RichText(v))
         self.console.print(table)
 
     def cmd_stats(self, _: str) -> None:
         if not self.history:
-            self.console.print("No replies yet.")
+            self.say("No replies yet.")
             return
         last = self.history[-1]
-        self.console.print(f"last reply: {stats_line(last)}, target {last.target_s:.2f} s, "
-                           f"{last.target_passes} passes, stop: {last.stop_reason}", soft_wrap=True)
+        self.say(f"last reply: {stats_line(last)}")
         all_ = total(self.history)
-        self.console.print(f"session ({len(self.history)} replies): {stats_line(all_)}, "
-                           f"target {all_.target_s:.2f} s, {all_.target_passes} passes",
-                           soft_wrap=True)
+        all_.load_s = self.pipe.load_s
+        self.say(f"session ({len(self.history)} replies): {stats_line(all_, load=True, stop=False)}")
 
     def cmd_clear(self, _: str) -> None:
         self.conv = Conversation(system=self.conv.system)
-        self.console.print("[dim]New conversation.[/]")
+        self.say("New conversation.", "dim")
 
     def cmd_save(self, arg: str) -> None:
         if not arg:
@@ -348,39 +438,14 @@ class ChatREPL:
         path = Path(os.path.expanduser(arg))
         self.conv.save(path, {"target": self.pipe.target_name, "draft": self.pipe.draft_name,
                               "settings": vars(self.settings)})
-        self.console.print(f"[dim]Saved {len(self.conv.turns)} messages to {path}.[/]")
+        self.say(f"Saved {len(self.conv.turns)} messages to {path}.", "dim")
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
             raise UserError("usage: /load FILE")
         path = Path(os.path.expanduser(arg))
         self.conv = Conversation.load(path)
-        self.console.print(f"[dim]Loaded {len(self.conv.turns)} messages from {path}.[/]")
+        self.say(f"Loaded {len(self.conv.turns)} messages from {path}.", "dim")
         if self.conv.turns:
             last = self.conv.turns[-1]
-            self.console.print(f"[dim]last ({last['role']}):[/] {escape(last['content'][:200])}",
-                               soft_wrap=True, highlight=False)
-
-
-def enable_history(path: Path) -> None:
-    """Arrow keys and a persistent history through readline, where the platform has it."""
-    try:
-        import readline
-    except ImportError:
-        return
-    import atexit
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        readline.read_history_file(path)
-    except OSError:
-        pass
-    readline.set_history_length(1000)
-    atexit.register(lambda: _write_history(readline, path))
-
-
-def _write_history(readline, path: Path) -> None:
-    try:
-        readline.write_history_file(path)
-    except OSError:
-        pass
+            self.say(f"last ({last['role']}): {last['content'][:200]}")

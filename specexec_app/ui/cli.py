@@ -1,9 +1,12 @@
-"""The `specexec` command. Only this module (and the REPL) prints."""
+"""The `specexec` command. Only the ui package prints: the reply on stdout, the rest on stderr."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,17 +15,32 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from specexec_app import __version__
 from specexec_app.errors import UserError
 
+from .options import DraftOpt, SystemOpt, TargetOpt, TrustRemoteOpt, decode_options, model_options, with_options
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Exact SpecExec speculative decoding: chat with a big model on a small machine.")
 err = Console(stderr=True, highlight=False)
-PROFILE_TIP = "[dim]tip: `specexec profile` tunes the budget and placement to this machine[/]"
+PROFILE_TIP = "tip: `specexec profile` tunes the budget and placement to this machine"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"specexec {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _group() -> None:
+def _group(version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")] = False) -> None:
     """Exact SpecExec speculative decoding: chat with a big model on a small machine."""
+
+
+def error_line(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 @contextmanager
@@ -31,53 +49,32 @@ def friendly_errors():
     try:
         yield
     except UserError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        error_line(str(e))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("\ninterrupted")
         raise typer.Exit(130) from None
+    except MemoryError as e:
+        error_line(f"out of memory: {e}")
+        raise typer.Exit(1) from None
 
 
-def format_stats(stats) -> str:
-    return (f"{stats.new_tokens} tokens in {stats.wall_s:.2f} s, {stats.tokens_per_s:.2f} tok/s | "
-            f"{stats.accepted_per_pass:.2f} accepted/pass over {stats.target_passes} passes "
-            f"({stats.pass_s * 1000:.0f} ms/pass) | draft {stats.draft_s:.2f} s, "
-            f"target {stats.target_s:.2f} s"
-            + (f" | streamed {stats.streamed_gb_per_s:.1f} GB/s" if stats.streamed_bytes else "")
-            + f" | stop: {stats.stop_reason}")
-
-
-Target = Annotated[Optional[str], typer.Option("--target", "-t", show_default=False, help="Preset name (specexec models), model folder, .gguf file, or repo id in the local HF cache. Default: the profile's target, else 'default'.")]
-Draft = Annotated[Optional[str], typer.Option("--draft", "-d", show_default=False, help="'ngram', 'self-int8', 'self-nf4', 'smollm2-distilled', a preset (its draft), a folder from `specexec distill`, or a draft model named like --target. Default: the profile's, else the preset's, else ngram.")]
-Budget = Annotated[Optional[int], typer.Option(show_default=False, help="Draft tree nodes verified per target pass (>= 1). Default: the profile's, else the preset's.")]
-Temperature = Annotated[float, typer.Option(help="0 = greedy (exactly the target's greedy output).")]
-TopP = Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")]
-MaxNew = Annotated[int, typer.Option(help="Most tokens to generate per reply.")]
-Seed = Annotated[Optional[int], typer.Option(show_default=False, help="Seed for sampling; the same seed repeats the output. Default: none.")]
-System = Annotated[Optional[str], typer.Option(show_default=False, help="System prompt. Default: the chat template's own.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Offload = Annotated[Optional[str], typer.Option(show_default=False, help="auto: stream the target's layers only if it does not fit the GPU, from RAM, or from disk if RAM is short too; always: stream from RAM (even on CPU); disk: stream from disk (16-bit safetensors, or a folder from `specexec quantize`); never. Default: the profile's, else auto.")]
-Quant = Annotated[Optional[int], typer.Option(show_default=False, help="Target weights: 16, 8 (int8) or 4 (NF4) bits. Default: the profile's, else 16.")]
-GpuMemory = Annotated[Optional[str], typer.Option(show_default=False, help="GPU memory the target may use, e.g. 24GiB. Default: the profile's, else what is free.")]
-DrafterDev = Annotated[Optional[str], typer.Option("--drafter", show_default=False, help="Where a draft model runs: auto (with the target), gpu or cpu. Default: the profile's, else auto.")]
-Overlap = Annotated[Optional[bool], typer.Option("--overlap/--no-overlap", show_default=False, help="Draft the next tree on a thread while the target verifies this one (pays when a pass is slow: an offloaded target). Default: the profile's, else off.")]
-ContextSize = Annotated[Optional[int], typer.Option("--context", show_default=False, help="Most tokens a conversation holds (prompt and replies); GPU memory for the KV cache is kept for this many. Default: 8192, or the model's limit if lower.")]
-TrustRemote = Annotated[bool, typer.Option(help="Allow model code from the checkpoint (off unless asked).")]
-
-
-def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, device,
-                  trust_remote_code, console: Console = err, use_profile: bool = True,
-                  overlap: bool | None = None, context: int | None = None):
-    """Options + saved profile -> a ready pipeline (spinner and layer progress on `console`)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from specexec_app.config.profile import choose, load_profile
-    from specexec_app.loading.session import build
-    from specexec_app.config.settings import parse_size
+def resolve_config(opts: dict, use_profile: bool = True, **defaults):
+    """Command-line values, the saved profile and presets -> a checked `RunConfig`."""
+    from specexec_app.config.profile import load_profile
+    from specexec_app.config.settings import resolve
 
     profile = load_profile() if use_profile else None
-    opts = choose(target, draft, budget, quant, offload, gpu_memory, drafter, profile, overlap)
-    size = parse_size(opts.gpu_memory) if opts.gpu_memory else None
+    given = dict(opts) | {k: v for k, v in defaults.items() if opts.get(k) is None}
+    return resolve(given, profile.choice if profile else None), profile
+
+
+def load(config, console: Console = err):
+    """Build the pipeline with a spinner, and a bar while layers are placed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from specexec_app.loading.session import build
+
     bar = Progress(TextColumn("placing layers"), BarColumn(), MofNCompleteColumn(),
                    console=console, transient=True)
     task = None
@@ -95,236 +92,168 @@ def load_pipeline(target, draft, budget, quant, offload, gpu_memory, drafter, de
 
     with console.status("loading models...", spinner="dots") as status:
         try:
-            pipe = build(opts.target, opts.draft, device, trust_remote_code,
-                         status=lambda msg: status.update(msg + "..."), offload=opts.offload,
-                         quant=opts.quant, gpu_memory=size, drafter_device=opts.drafter,
-                         progress=progress, budget=opts.budget, context=context)
+            return build(config.load, status=lambda msg: status.update(escape(msg) + "..."),
+                         progress=progress)
         finally:
             bar.stop()
-    if opts.budget is not None:
-        pipe.default_budget = opts.budget
-    return pipe, opts, profile
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt as given, or stdin's for '-': text that is valid UTF-8 and not empty."""
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8") if prompt == "-" else prompt
+        text.encode("utf-8")  # an argument with bytes that are not UTF-8 holds lone surrogates
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise UserError("the prompt is not valid UTF-8 text") from None
+    if not text.strip():
+        raise UserError("the prompt is empty")
+    return text
+
+
+def write_out(text: str) -> None:
+    """Reply text to stdout, now; a closed or full stdout is a one-line error."""
+    try:
+        if sys.stdout is None:
+            raise BrokenPipeError(9, "stdout is closed")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError) as e:
+        # Later flushes (at exit) would fail again: send what is left nowhere.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        raise UserError(f"cannot write the reply to stdout: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
+
+
+def stream_reply(events) -> object:
+    """Print a reply as it is accepted (notes to stderr); returns the Done event."""
+    from specexec_app.core.engine import Done, Notice, Text
+
+    done = None
+    try:
+        for event in events:
+            if isinstance(event, Text) and event.text:
+                write_out(event.text)
+            elif isinstance(event, Notice):
+                err.print(f"note: {event.message}", soft_wrap=True, markup=False)
+            elif isinstance(event, Done):
+                done = event
+    except KeyboardInterrupt:
+        write_out("\n")
+        raise
+    return done
 
 
 @app.command()
-def run(
-    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.")],
-    target: Target = None,
-    draft: Draft = None,
-    budget: Budget = None,
-    temperature: Temperature = 0.0,
-    top_p: TopP = 1.0,
-    max_new_tokens: MaxNew = 256,
-    seed: Seed = None,
-    raw: Annotated[bool, typer.Option(help="No chat template: continue PROMPT as plain text.")] = False,
-    system: System = None,
-    stats: Annotated[bool, typer.Option(help="Print a stats line on stderr.")] = False,
-    stats_json: Annotated[Optional[Path], typer.Option(show_default=False, help="Write the run's stats as JSON to this file.")] = None,
-    device: Device = "auto",
-    offload: Offload = None,
-    quant: Quant = None,
-    gpu_memory: GpuMemory = None,
-    drafter: DrafterDev = None,
-    overlap: Overlap = None,
-    context: ContextSize = None,
-    trust_remote_code: TrustRemote = False,
-) -> None:
+@with_options(model_options, decode_options)
+def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.")],
+        raw: Annotated[bool, typer.Option(help="No chat template: continue PROMPT as plain text.")] = False,
+        system: SystemOpt = None,
+        stats: Annotated[bool, typer.Option(help="Print a stats line on stderr.")] = False,
+        stats_json: Annotated[Optional[Path], typer.Option(show_default=False, help="Write the run's stats as JSON to this file.")] = None,
+        opts: dict = None) -> None:
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
-    from specexec_app.core.engine import Done, Notice, Text
-    from specexec_app.config.settings import DecodeSettings
+    from specexec_app.files import check_writable, write_atomic
+    from .render import stats_line
 
     with friendly_errors():
-        if prompt == "-":
-            prompt = sys.stdin.read()
-        if not prompt.strip():
-            raise UserError("the prompt is empty")
-        settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature, top_p=top_p,
-                                  max_new_tokens=max_new_tokens, seed=seed)
-        pipe, opts, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory,
-                                            drafter, device, trust_remote_code, overlap=overlap,
-                                            context=context)
-        settings.overlap = opts.overlap
+        prompt = read_prompt(prompt)
+        if stats_json:
+            check_writable(stats_json, "--stats-json")
+        config, profile = resolve_config(opts)
+        pipe = load(config)
         if pipe.target.placement is not None:
-            err.print(f"target: {pipe.placement_text()}", soft_wrap=True)
+            err.print(f"target: {pipe.placement_text()}", soft_wrap=True, markup=False)
         if profile is None and err.is_terminal:
-            err.print(PROFILE_TIP)
-        settings.budget = pipe.default_budget
-        ids = pipe.encode(prompt, raw=raw, system=system)
-        done = None
-        try:
-            for event in pipe.generate(ids, settings):
-                if isinstance(event, Text) and event.text:
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-                elif isinstance(event, Notice):
-                    err.print(f"note: {event.message}", soft_wrap=True)
-                elif isinstance(event, Done):
-                    done = event
-        except KeyboardInterrupt:
-            sys.stdout.write("\n")
-            raise
-        if not raw:
-            sys.stdout.write("\n")
-        sys.stdout.flush()
+            err.print(PROFILE_TIP, style="dim", markup=False)
+        done = stream_reply(pipe.generate(pipe.encode(prompt, raw=raw, system=system), config.decode))
+        write_out("" if raw else "\n")
+        done.stats.load_s = pipe.load_s
         if stats:
-            err.print(format_stats(done.stats), soft_wrap=True)
+            err.print(stats_line(done.stats, load=True), soft_wrap=True, markup=False)
         if stats_json:
             data = done.stats.to_dict() | {"target": pipe.target_name, "draft": pipe.draft_name,
-                                           "budget": settings.budget,
-                                           "temperature": settings.temperature}
-            stats_json.write_text(json.dumps(data, indent=2) + "\n")
+                                           "budget": config.decode.budget,
+                                           "temperature": config.decode.temperature}
+            write_atomic(stats_json, json.dumps(data, indent=2) + "\n")
 
 
 @app.command()
-def chat(
-    target: Target = None,
-    draft: Draft = None,
-    budget: Budget = None,
-    temperature: Temperature = 0.0,
-    top_p: TopP = 1.0,
-    max_new_tokens: MaxNew = 512,
-    seed: Seed = None,
-    system: System = None,
-    footer: Annotated[bool, typer.Option(help="A one-line stats footer after each reply.")] = True,
-    history: Annotated[bool, typer.Option(help="Keep input history across sessions (arrow keys work either way).")] = True,
-    device: Device = "auto",
-    offload: Offload = None,
-    quant: Quant = None,
-    gpu_memory: GpuMemory = None,
-    drafter: DrafterDev = None,
-    overlap: Overlap = None,
-    context: ContextSize = None,
-    trust_remote_code: TrustRemote = False,
-) -> None:
+@with_options(model_options, decode_options)
+def chat(system: SystemOpt = None,
+         footer: Annotated[bool, typer.Option(help="A one-line stats footer after each reply.")] = True,
+         history: Annotated[bool, typer.Option(help="Keep input history across sessions.")] = True,
+         opts: dict = None) -> None:
     """Chat with the model in the terminal. /help lists the commands; Ctrl+C stops a reply."""
-    from specexec_app.ui.chat import ChatREPL, enable_history
-    from specexec_app.config.settings import DecodeSettings
-
-    out = Console(highlight=False)
-    import signal
+    from .chat import ChatREPL, history_file
 
     # Ctrl+C must reach the REPL even when the shell that started us ignored SIGINT (a job started
     # in the background by a script): Python leaves an ignored SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    out = Console(highlight=False)
     with friendly_errors():
-        settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature,
-                                  top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-        pipe, opts, profile = load_pipeline(target, draft, budget, quant, offload, gpu_memory,
-                                            drafter, device, trust_remote_code, console=out,
-                                            overlap=overlap, context=context)
-        settings.budget, settings.overlap = pipe.default_budget, opts.overlap
-        if history:
-            import platformdirs
-
-            enable_history(Path(platformdirs.user_state_dir("specexec")) / "chat_history")
-        placement = pipe.placement_text()
-        out.print(f"[bold]{pipe.target_name}[/] with draft [bold]{pipe.draft_name}[/], budget "
-                  f"{settings.budget}, {placement}"
-                  + (" (tuned by your profile)" if opts.from_profile else ""), soft_wrap=True)
-        if profile is None:
-            out.print(PROFILE_TIP)
-        out.print("[dim]/help for commands, /exit or Ctrl+D to leave, Ctrl+C stops a reply[/]")
-        ChatREPL(pipe, settings, out, system=system, footer=footer, placement=placement).loop()
+        config, profile = resolve_config(opts, max_new_tokens=512)
+        pipe = load(config, out)
+        ChatREPL(pipe, config.decode, out, system=system, footer=footer,
+                 history=history_file() if history else None, tuned=config.from_profile,
+                 tip=profile is None).loop()
 
 
 @app.command()
 def profile(
-    target: Target = None,
-    draft: Draft = None,
-    device: Device = "auto",
+    target: TargetOpt = None,
+    draft: DraftOpt = None,
+    device: Annotated[Optional[str], typer.Option(show_default=False, help="auto, cpu, cuda or cuda:N.")] = None,
     gpu_memory: Annotated[Optional[str], typer.Option(show_default=False, help="Tune for this much GPU memory (e.g. 12GiB, to stand in for a consumer GPU). Default: what is free.")] = None,
     quant: Annotated[Optional[int], typer.Option(show_default=False, help="Weights in 16, 8 or 4 bits. Default: the most precise that fits RAM.")] = None,
     quick: Annotated[bool, typer.Option(help="Fewer prompts, budgets and tokens (a rough profile in seconds).")] = False,
     show: Annotated[bool, typer.Option(help="Print the saved profile and exit.")] = False,
     reset: Annotated[bool, typer.Option(help="Forget the saved profile and exit.")] = False,
-    trust_remote_code: TrustRemote = False,
+    trust_remote_code: TrustRemoteOpt = False,
 ) -> None:
     """Measure this machine, tune quantization, placement, drafter and budget, and save the result
     for `run` and `chat`."""
     from specexec_app.config.profile import forget_profile, load_profile, profile_path, save_profile
+    from specexec_app.config.settings import resolve
     from specexec_app.tools.tune import tune
+
+    from .render import show_profile
 
     out = Console(highlight=False)
     with friendly_errors():
         if reset:
             gone = forget_profile()
-            out.print(f"Forgot {profile_path()}." if gone else "There is no saved profile.")
+            out.print(f"Forgot {profile_path()}." if gone else "There is no saved profile.", markup=False)
             return
         if show:
             data = load_profile()
             if data is None:
                 raise UserError(f"no saved profile at {profile_path()}; run `specexec profile`")
             show_profile(out, data)
-            out.print(f"[dim]{profile_path()}[/]")
+            out.print(str(profile_path()), style="dim", markup=False)
             return
+        config = resolve(dict(target=target, draft=draft, device=device, quant=quant,
+                              gpu_memory=gpu_memory, trust_remote_code=trust_remote_code))
         with out.status("profiling...", spinner="dots") as status:
-            data = tune(target, draft, device, gpu_memory, quant, quick, trust_remote_code,
-                        say=lambda msg: status.update(msg + "..."),
-                        load=lambda *a: load_pipeline(*a, console=out, use_profile=False))
+            data = tune(config.load, target or "default", gpu_memory, quant is not None,
+                        draft is not None, quick,
+                        say=lambda msg: status.update(escape(msg) + "..."),
+                        load=lambda spec: load(type(config)(spec, config.decode), out))
         show_profile(out, data)
         path = save_profile(data)
-        out.print(f"Saved to {path}; `run` and `chat` use it unless options say otherwise.")
-
-
-def show_profile(out: Console, data: dict) -> None:
-    from rich.table import Table
-
-    m = data.get("machine", {})
-    t = Table(title="this machine", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column()
-    rows = [("CPU", f"{m.get('cpu', '?')}: {m.get('cpu_cores', '?')} cores, {m.get('cpu_threads', '?')} threads"),
-            ("RAM", f"{m.get('ram_total_gb', 0):.1f} GB, {m.get('ram_free_gb', 0):.1f} GB free, copies at {m.get('ram_copy_gb_s', 0):.1f} GB/s"),
-            ("GPU", m.get("gpu", "none") if m.get("gpu", "none") == "none" else
-             f"{m['gpu']}: {m['gpu_memory_gb']:.1f} GB, {m['gpu_free_gb']:.1f} GB free")]
-    if "h2d_pinned_gb_s" in m:
-        rows.append(("host to GPU", f"{m['h2d_pinned_gb_s']:.1f} GB/s pinned, {m['h2d_pageable_gb_s']:.1f} GB/s pageable"))
-    if "disk_read_gb_s" in m:
-        rows.append(("weights read", f"{m['disk_read_gb_s']:.2f} GB/s from {m['weights_folder']}"
-                     + ("" if m.get("disk_read_cold") else " (may include cached pages)")))
-    tg, dr = data.get("target", {}), data.get("draft", {})
-    rows.append(("target", f"{tg.get('name')}: {tg.get('parameters', 0) / 1e6:.0f}M parameters, {tg.get('placement')}"))
-    passes = tg.get("pass_ms", {})
-    rows.append(("pass time", ", ".join(f"{n} nodes {ms:.0f} ms" for n, ms in passes.items())))
-    speed = ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms" for k, v in dr.get("speed", {}).items()
-                      if isinstance(v, (int, float)))
-    rows.append(("draft", f"{dr.get('name')}: 64-node tree in {speed}"))
-    for k, v in rows:
-        t.add_row(k, v)
-    out.print(t)
-    c = Table(title="calibration (decode, Spec-Bench prompts)", title_justify="left")
-    c.add_column("draft")
-    for col in ("budget", "acc/pass", "tree", "pass ms", "draft ms", "other ms", "predicted tok/s"):
-        c.add_column(col, justify="right")
-    for r in data.get("calibration", []):
-        c.add_row(r.get("draft", dr.get("name", "")), str(r["budget"]), f"{r.get('accepted_per_pass', 0):.2f}", f"{r.get('mean_tree', 0):.1f}",
-                  f"{r.get('pass_ms', 0):.1f}", f"{r.get('draft_ms', 0):.1f}",
-                  f"{r.get('overhead_ms', 0):.1f}", f"{r.get('tokens_per_s', 0):.2f}")
-    out.print(c)
-    ch = data.get("choice", {})
-    pred, meas = data.get("predicted_tokens_per_s", 0), data.get("measured_tokens_per_s", 0)
-    gap = (meas - pred) / pred * 100 if pred else 0
-    out.print(f"[bold]choice:[/] {ch.get('target')} + {ch.get('draft')}, {ch.get('quant')}-bit "
-              f"({tg.get('quant_reason', '')}), offload {ch.get('offload')}, drafter "
-              f"{ch.get('drafter')}, budget {ch.get('budget')}, overlap "
-              f"{'on' if ch.get('overlap') else 'off'}", soft_wrap=True)
-    if dr.get("placement_reason"):
-        out.print(f"[dim]drafter: {dr['placement_reason']}[/]", soft_wrap=True)
-    out.print(f"[bold]predicted[/] {pred:.2f} tok/s, [bold]measured[/] {meas:.2f} tok/s on other "
-              f"prompts ({gap:+.0f} %, {data.get('measured_accepted_per_pass', 0):.2f} accepted/pass)",
-              soft_wrap=True)
+        out.print(f"Saved to {path}; `run` and `chat` use it unless options say otherwise.",
+                  markup=False)
 
 
 @app.command()
 def models() -> None:
     """The presets, where each one's weights are looked for, and whether they are present."""
-    from specexec_app.loading.sources import SHIPPED_DRAFTS, locate
     from specexec_app.config.presets import PRESETS_FILE, load_presets
     from specexec_app.loading.session import SELF_DRAFTS
+    from specexec_app.loading.sources import SHIPPED_DRAFTS, locate
 
     out = Console(highlight=False)
     with friendly_errors():
-        out.print(f"[dim]presets from {PRESETS_FILE}[/]")
+        out.print(f"[dim]presets from {escape(str(PRESETS_FILE))}[/]")
         for p in load_presets().values():
             where, ok = locate(p.target)
             if p.draft == "ngram":
@@ -334,65 +263,72 @@ def models() -> None:
             else:
                 dwhere, dok = locate(p.draft)
             mark = "[green]present[/]" if ok and dok else "[yellow]missing[/]"
-            out.print(f"\n[bold]{p.name}[/]  {mark}  budget {p.budget}  [dim]{p.description}[/]", soft_wrap=True)
-            out.print(f"  target {p.target}: {'' if ok else '[yellow]not found[/], looked in '}{where}", soft_wrap=True)
-            out.print(f"  draft  {p.draft}: {'' if dok else '[yellow]not found[/], looked in '}{dwhere}", soft_wrap=True)
+            out.print(f"\n[bold]{escape(p.name)}[/]  {mark}  budget {p.budget}  [dim]{escape(p.description)}[/]", soft_wrap=True)
+            out.print(f"  target {escape(p.target)}: {'' if ok else '[yellow]not found[/], looked in '}{escape(where)}", soft_wrap=True)
+            out.print(f"  draft  {escape(p.draft)}: {'' if dok else '[yellow]not found[/], looked in '}{escape(dwhere)}", soft_wrap=True)
         for name in SHIPPED_DRAFTS:
             where, ok = locate(name)
             mark = "[green]present[/]" if ok else "[yellow]missing[/]"
             out.print(f"\n[bold]{name}[/]  {mark}  [dim]distilled draft shipped with specexec-app "
-                      f"(--draft {name})[/]\n  {where}", soft_wrap=True)
+                      f"(--draft {name})[/]\n  {escape(where)}", soft_wrap=True)
         out.print("\n[dim]Any local folder, .gguf file or repo id in the local Hugging Face cache also "
                   "works as --target / --draft. Nothing is downloaded.[/]", soft_wrap=True)
 
 
+def _ints(text: str | None, name: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{name} takes comma-separated whole numbers (got {text!r})") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{name} must list numbers of at least 1 (got {text!r})")
+    return values
+
+
 @app.command("bench")
+@with_options(model_options)
 def bench_cmd(
     out: Annotated[Path, typer.Option(help="Folder for results.json, results.md and the plots.")] = Path("bench-out"),
     quick: Annotated[bool, typer.Option(help="3 prompts, 2 budgets, 2 chain lengths, 24 tokens: about two minutes on a CPU.")] = False,
     budgets: Annotated[Optional[str], typer.Option(show_default=False, help="Comma-separated SpecExec budgets. Default: 4,16 quick; 64..2048 on a GPU; 2..32 on a CPU.")] = None,
     chains: Annotated[Optional[str], typer.Option(show_default=False, help="Comma-separated chain lengths for classic speculative decoding. Default: 2,4 quick; 2,4,8.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt (quick: 24).")] = 64,
-    per_category: Annotated[int, typer.Option(help="Prompts per Spec-Bench category.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="New tokens per prompt (quick: 24).")] = 64,
+    per_category: Annotated[int, typer.Option(min=1, help="Prompts per Spec-Bench category.")] = 1,
     greedy_only: Annotated[bool, typer.Option(help="Skip the sampled runs (temperature 0.6, top-p 0.9).")] = False,
-    target: Target = None,
-    draft: Draft = None,
-    device: Device = "auto",
-    offload: Offload = None,
-    quant: Quant = None,
-    gpu_memory: GpuMemory = None,
-    drafter: DrafterDev = None,
-    trust_remote_code: TrustRemote = False,
+    opts: dict = None,
 ) -> None:
     """SpecExec against transformers generate, our target alone, and classic speculative decoding,
     on Spec-Bench prompts in one process: JSON, a Markdown table and plots in --out."""
+    from specexec_app.files import check_out_folder
+    from specexec_app.loading.session import pick_device
     from specexec_app.tools.bench import bench
 
     console = Console(highlight=False)
     with friendly_errors():
-        ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+        b = _ints(budgets, "--budgets")
+        c = _ints(chains, "--chains") or ([2, 4] if quick else [2, 4, 8])
+        check_out_folder(out, [], force=True)
         try:
-            b = ints(budgets) if budgets else None
-            c = ints(chains) if chains else ([2, 4] if quick else [2, 4, 8])
-        except ValueError:
-            raise UserError("--budgets and --chains take comma-separated whole numbers") from None
-        if min((b or [1]) + c) < 1 or b == []:
-            raise UserError("budgets and chain lengths must be at least 1")
-        from specexec_app.loading.session import pick_device
-
-        gpu = pick_device(device).type == "cuda"
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out {out}: {e.strerror or e}") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write to --out {out}: permission denied")
+        gpu = pick_device(opts.get("device") or "auto").type == "cuda"
         b = b or ([4, 16] if quick else [64, 256, 1024, 2048] if gpu else [2, 8, 32])
         # The target is placed with room for the largest tree.
-        pipe, _, _ = load_pipeline(target, draft, max(b), quant, offload, gpu_memory, drafter,
-                                   device, trust_remote_code, console=err, use_profile=False)
+        config, _ = resolve_config(opts | {"budget": max(b)}, use_profile=False)
+        pipe = load(config)
         with err.status("benchmarking...", spinner="dots") as status:
             result = bench(pipe, out, quick, b, c, 24 if quick else max_new_tokens,
                            1 if quick else per_category, ["greedy"] if greedy_only else ["greedy", "t0.6"],
-                           say=lambda msg: status.update(msg + "..."))
+                           say=lambda msg: status.update(escape(msg) + "..."))
         console.print((out / "results.md").read_text(), markup=False)
-        console.print("wrote " + ", ".join(str(f) for f in result["files"]), soft_wrap=True)
+        console.print("wrote " + ", ".join(str(f) for f in result["files"]), soft_wrap=True, markup=False)
         for note in result["notes"]:
-            err.print(f"note: {note}", soft_wrap=True)
+            err.print(f"note: {note}", soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -411,19 +347,19 @@ def distill(
     heldout: Annotated[int, typer.Option(help="Spec-Bench prompts per category held out for the report.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed for data order, sampling and initialization.")] = 0,
     fresh: Annotated[bool, typer.Option(help="Forget the data and checkpoint in OUT and start over.")] = False,
-    device: Device = "auto",
-    offload: Offload = None,
-    quant: Quant = None,
-    gpu_memory: GpuMemory = None,
-    trust_remote_code: TrustRemote = False,
+    force: Annotated[bool, typer.Option(help="Write into an --out folder that holds another model.")] = False,
+    device: Annotated[Optional[str], typer.Option(show_default=False, help="auto, cpu, cuda or cuda:N.")] = None,
+    trust_remote_code: TrustRemoteOpt = False,
 ) -> None:
     """Train a small draft for a target on the target's own answers (knowledge distillation),
     with a report of its agreement with the target on held-out prompts."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
-    from specexec_app.tools.distill import DistillSettings, Finished, Note
-    from specexec_app.tools.distill import Progress as Step
+    from specexec_app.config.settings import resolve
+    from specexec_app.files import check_out_folder
+    from specexec_app.loading.sources import resolve as find_model
+    from specexec_app.tools.distill import DistillSettings, Finished, Note, Step
     from specexec_app.tools.distill import distill as run_distill
 
     console = Console(highlight=False)
@@ -431,8 +367,11 @@ def distill(
         settings = DistillSettings(layers=layers, steps=steps, batch=batch, lr=lr, mode=mode,
                                    temperature=temperature, max_new_tokens=max_new_tokens,
                                    prompts=max_prompts, heldout=heldout, seed=seed)
-        pipe, _, _ = load_pipeline(target, "ngram", None, quant, offload, gpu_memory, None,
-                                   device, trust_remote_code, console=err, use_profile=False)
+        config = resolve(dict(target=target, draft="ngram", device=device,
+                              trust_remote_code=trust_remote_code))
+        check_out_folder(out, [Path(find_model(config.load.target).path)], force,
+                         own="specexec_draft.json")
+        pipe = load(config)
         bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                        TimeRemainingColumn(), console=err)
@@ -447,18 +386,18 @@ def distill(
                     info = f"loss {event.loss:.3f}" if event.loss is not None else ""
                     bar.update(tasks[event.stage], completed=event.done, total=event.total, info=info)
                 elif isinstance(event, Note):
-                    bar.console.print(event.message, soft_wrap=True)
+                    bar.console.print(event.message, soft_wrap=True, markup=False)
                 elif isinstance(event, Finished):
                     finished = event
         r = finished.report
         console.print(f"draft: {r['layers']} layers, {r['steps']} steps on {r['train_answer_tokens']} "
                       f"answer tokens ({r['loss']}); held-out agreement with the target over "
-                      f"{r['after']['positions']} positions:", soft_wrap=True)
+                      f"{r['after']['positions']} positions:", soft_wrap=True, markup=False)
         for key in r["after"]:
             if key != "positions":
                 console.print(f"  {key:<18} {r['before'][key]:6.1%} before  ->  {r['after'][key]:6.1%} after")
         console.print(f"wrote {finished.out} (use it: specexec run --target {target} --draft "
-                      f"{finished.out})", soft_wrap=True)
+                      f"{finished.out})", soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -467,35 +406,55 @@ def quantize(
     target: Annotated[str, typer.Option("--target", "-t", help="The target to pack: a preset or a safetensors folder.")] = "default",
     quant: Annotated[int, typer.Option(help="8 (int8, a scale per row) or 4 (NF4).")] = 4,
     dtype: Annotated[str, typer.Option(help="Dtype the weights decode to: bfloat16 or float16 (GPU), float32 (CPU).")] = "bfloat16",
-    trust_remote_code: TrustRemote = False,
+    force: Annotated[bool, typer.Option(help="Replace an --out folder that already holds a model.")] = False,
+    trust_remote_code: TrustRemoteOpt = False,
 ) -> None:
     """Save a target pre-quantized, as the packed layers the streamer moves: it then loads with no
     quantizing and no full-precision copy in RAM (`specexec run --target OUT`)."""
+    import shutil
+
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from offload.packed import save_packed
-    from specexec_app.loading.sources import resolve
-    from specexec_app.loading.checkpoint import check_checkpoint
     from specexec_app.config.presets import get_preset
+    from specexec_app.files import check_out_folder, remove_orphans, replace_folder, temp_folder
+    from specexec_app.loading.checkpoint import check_checkpoint
+    from specexec_app.loading.sources import resolve
 
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     with friendly_errors():
         if dtype not in dtypes:
             raise UserError(f"--dtype must be bfloat16, float16 or float32 (got {dtype})")
+        if quant not in (8, 4):
+            raise UserError(f"--quant must be 8 or 4 for a packed checkpoint (got {quant})")
         preset = get_preset(target)
         src = resolve(preset.target if preset else target)
         if src.gguf_file:
             raise UserError(f"{target} is a GGUF file; quantize a safetensors folder")
+        check_out_folder(out, [Path(src.path)], force)
         check_checkpoint(Path(src.path))
-        with Progress(TextColumn("packing layers"), BarColumn(), MofNCompleteColumn(),
-                      console=err) as bar:
-            task = bar.add_task("layers", total=None)
-            save_packed(Path(src.path), out, quant, dtypes[dtype],
-                        progress=lambda done, total: bar.update(task, completed=done, total=total),
-                        trust_remote_code=trust_remote_code)
+        out = out.expanduser()
+        parent = out.absolute().parent
+        remove_orphans(parent, ".quantize-")
+        try:
+            tmp = temp_folder(parent, ".quantize-")
+        except OSError as e:
+            raise UserError(f"cannot write to {parent}: {e.strerror or e}") from None
+        try:
+            with Progress(TextColumn("packing layers"), BarColumn(), MofNCompleteColumn(),
+                          console=err) as bar:
+                task = bar.add_task("layers", total=None)
+                save_packed(Path(src.path), tmp, quant, dtypes[dtype],
+                            progress=lambda done, total: bar.update(task, completed=done, total=total),
+                            trust_remote_code=trust_remote_code)
+            replace_folder(tmp, out)
+        except OSError as e:
+            raise UserError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         Console(highlight=False).print(f"wrote {out} ({quant}-bit, decodes to {dtype}); use it: "
-                                       f"specexec run --target {out}", soft_wrap=True)
+                                       f"specexec run --target {out}", soft_wrap=True, markup=False)
 
 
 def main() -> None:

@@ -1,0 +1,25 @@
+"""The drafter interface: whatever proposes the tree that the target verifies. Drafters live in
+the drafts/ package; the engine knows only this."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from .tree import Tree
+
+
+class Drafter(ABC):
+    """Proposes a tree of likely continuations of the committed tokens.
+
+    The acceptance rule makes the output exact whatever the tree holds; a better tree only
+    means more tokens per target pass.
+    """
+
+    name: str = "drafter"
+
+    @abstractmethod
+    def propose(self, tokens: list[int], budget: int) -> Tree:
+        """A tree of at most `budget` nodes below the last of `tokens` (the root)."""
+
+    def reset(self) -> None:
+        """Forget any state kept between calls (caches of earlier conversations)."""

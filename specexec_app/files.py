@@ -1,0 +1,136 @@
+"""Files the app writes: to a temporary name, then renamed into place, so that a full disk, a
+signal or a crash never leaves a cut file where a good one stood; and the checks that run before
+the work whose result they will hold."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+MODEL_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json",
+                 "specexec_packed.json", "specexec_draft.json")
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def check_writable(path: Path, what: str = "") -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, a missing
+    or read-only parent folder. (A full disk shows only when writing.)"""
+    path = Path(path)
+    label = f"{what} {path}".strip()
+    if path.is_dir():
+        raise UserError(f"cannot write {label}: it is a folder")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {label}: the folder {parent} does not exist")
+    if path.exists() and not _is_regular(path):
+        if not os.access(path, os.W_OK):
+            raise UserError(f"cannot write {label}: permission denied")
+        return
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {label}: permission denied")
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return True
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename: the old
+    file stays whole until the new one is. A device or pipe (/dev/stdout) is written directly."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        if path.exists() and not _is_regular(path):
+            with open(path, "wb") as f:
+                f.write(raw)
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {_reason(e)}") from None
+
+
+def holds_model(folder: Path) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and (any((folder / m).exists() for m in MODEL_MARKERS)
+                                or any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")))
+
+
+def check_out_folder(out: Path, sources: list[Path], force: bool, own: str | None = None) -> None:
+    """Refuse an output folder that is (or lies inside, or holds) one of the `sources` being
+    read, and, unless `force`, one that already holds a model (a folder holding `own`, the
+    marker of this command's own earlier output, may be written again: a rerun resumes)."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    real = out.resolve()
+    for src in sources:
+        src = Path(src).expanduser().resolve()
+        if real == src or src in real.parents or real in src.parents:
+            raise UserError(f"--out {out} is the source model's folder ({src}); choose "
+                            "another folder: writing there would destroy the model")
+    if force or not holds_model(out) or (own and (out / own).is_file()):
+        return
+    raise UserError(f"--out {out} already holds a model; choose an empty folder, or add "
+                    "--force to replace what is there")
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Move a finished folder `tmp` into place at `out` (whatever stood there is removed only
+    once the new one is complete)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def temp_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in `parent` named after this process, so that `remove_orphans` can tell a
+    killed run's leftovers from a live run's work."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def remove_orphans(parent: Path, prefix: str) -> int:
+    """Remove the `temp_folder`s of runs that are no longer alive (a SIGTERM or a power cut in
+    the middle of a conversion leaves one behind). Returns how many went."""
+    gone = 0
+    for p in Path(parent).glob(f"{prefix}*") if Path(parent).is_dir() else []:
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        gone += 1
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
