@@ -498,6 +498,53 @@ def quantize(
                                        f"specexec run --target {out}", soft_wrap=True)
 
 
+# ---- serve (issue 21): options copied from `chat` for now, to merge into the shared options ----
+@app.command()
+def serve(
+    target: Target = None,
+    draft: Draft = None,
+    budget: Budget = None,
+    temperature: Annotated[float, typer.Option(help="Default for requests that name none; 0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Default nucleus mass for requests that name none, in (0, 1].")] = 1.0,
+    max_new_tokens: Annotated[Optional[int], typer.Option(show_default=False, help="Default for requests that name no max_tokens. Default: until the context is full.")] = None,
+    seed: Seed = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network (there is no authentication).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one, shown at start).")] = 8000,
+    queue: Annotated[int, typer.Option(help="Requests that may wait while one generates; one more gets a 429.")] = 8,
+    name: Annotated[Optional[str], typer.Option(show_default=False, help="Model id the API shows. Default: the target's name.")] = None,
+    device: Device = "auto",
+    offload: Offload = None,
+    quant: Quant = None,
+    gpu_memory: GpuMemory = None,
+    drafter: DrafterDev = None,
+    overlap: Overlap = None,
+    context: ContextSize = None,
+    trust_remote_code: TrustRemote = False,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health); one request generates at a time, the others wait in order."""
+    from specexec_app.config.settings import DecodeSettings
+    from specexec_app.ui import serve as server
+
+    with friendly_errors():
+        if not 0 <= port < 65536:
+            raise UserError(f"--port must be in 0..65535 (got {port}; 0 picks a free one)")
+        settings = DecodeSettings(budget=budget if budget is not None else 1, temperature=temperature,
+                                  top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+                                  if max_new_tokens is not None else 1)
+
+        def load():
+            pipe, opts, _ = load_pipeline(target, draft, budget, quant, offload, gpu_memory,
+                                          drafter, device, trust_remote_code, overlap=overlap,
+                                          context=context)
+            settings.budget, settings.overlap = pipe.default_budget, opts.overlap
+            settings.max_new_tokens = max_new_tokens or pipe.target.context_length
+            return pipe, settings
+
+        server.serve(load, host, port, queue, name,
+                     log=lambda line: err.print(escape(line), soft_wrap=True))
+
+
 def main() -> None:
     app()
 
