@@ -3,8 +3,9 @@
 One generation runs at a time (one GPU): requests wait in a bounded FIFO and are answered in
 order by one worker thread that owns the pipeline. Handlers talk to the worker through a `Job`:
 the worker posts ("text", delta), then ("done", Outcome) or ("error", message) to the job's
-asyncio queue; a handler whose client went away cancels the job, and the worker closes the
-engine's generator at its next event (within one pass). The target's KV cache is kept between
+asyncio queue (("cancelled", None) to a job dropped before it ran). A handler whose client went
+away cancels its job, and the worker closes the engine's generator at its next event (within one
+pass). The target's KV cache is kept between
 requests, so a conversation resent with one more turn prefills only its new tokens.
 """
 
@@ -196,8 +197,9 @@ class Worker:
             if job.passes_at_cancel is None:
                 job.passes_at_cancel = job.passes
             job.cancelled.set()
-            if job in self.waiting:
+            if job in self.waiting:  # it never ran: its handler may still wait for word
                 self.waiting.remove(job)
+                job.post("cancelled", None)
 
     def close(self) -> None:
         with self.cond:
@@ -454,6 +456,8 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
                         if kind == "text":
                             yield sse(chunk(value))
                             continue
+                        if kind == "cancelled":
+                            return
                         if kind == "error":
                             request.state.log = f"error: {value}"
                             yield sse(ApiError(500, value, "server_error").body())
@@ -473,16 +477,17 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+        async def cancel_on_disconnect():
+            # The body has been read: the next message is the client leaving.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            worker.cancel(job)
+
+        watcher = asyncio.create_task(cancel_on_disconnect())
         parts: list[str] = []
         try:
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        request.state.log = "client disconnected"
-                        return JSONResponse({}, status_code=499)
-                    continue
+                kind, value = await job.events.get()
                 if kind == "text":
                     parts.append(value)
                 elif kind == "error":
@@ -490,7 +495,11 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
                 else:
                     break
         finally:
+            watcher.cancel()
             worker.cancel(job)
+        if kind == "cancelled" or value.finish_reason is None:
+            request.state.log = "the client left" + (f"; {log_detail(value)}" if value else "")
+            return JSONResponse({}, status_code=499)  # nginx's "client closed request"
         text, out = "".join(parts), value
         request.state.log = log_detail(out)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
