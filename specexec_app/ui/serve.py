@@ -320,7 +320,7 @@ class LogRequests:
         self.app, self.log = app, log
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] == "/health":  # pollers would flood the log
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), 0
 
