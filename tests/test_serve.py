@@ -222,6 +222,8 @@ BAD = [
     ("POST", CHAT, {"messages": []}, 400),
     ("POST", CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400),
     ("POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400),
+    ("POST", CHAT, {"messages": [{"role": "user"}]}, 400),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
     ("POST", CHAT, {"messages": QUESTION, "max_tokens": 0}, 400),
     ("POST", CHAT, {"messages": QUESTION, "max_tokens": -3}, 400),
     ("POST", CHAT, {"messages": QUESTION, "max_tokens": "10"}, 400),

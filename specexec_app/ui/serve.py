@@ -44,15 +44,16 @@ def log_stderr(line: str) -> None:
 
 # ---- requests (strict: "0.5" is not a number, "yes" is not a boolean) ----
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: str
+    text: str | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -179,7 +180,8 @@ class Worker:
         self.thread.start()
 
     def ready(self, pipe, settings: DecodeSettings) -> None:
-        self.pipe, self.settings = pipe, settings
+        self.settings = settings
+        self.pipe = pipe  # last: a request that sees the pipe finds the settings too
 
     def submit(self, job: Job) -> None:
         with self.cond:
@@ -303,11 +305,18 @@ def log_detail(out: Outcome) -> str:
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
-    e = exc.errors()[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    errors = exc.errors()
+    e = errors[0]
     if e.get("type") == "json_invalid":
         return ApiError(400, f"the body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}")
-    param = ".".join(loc) or None
+    # The path the errors share: a union's errors go on with its members' type names.
+    loc = list(e.get("loc", ()))
+    for other in errors[1:]:
+        n = 0
+        while n < min(len(loc), len(other.get("loc", ()))) and loc[n] == other["loc"][n]:
+            n += 1
+        loc = loc[:n]
+    param = ".".join(str(x) for x in loc if x != "body") or None
     return ApiError(400, f"{param}: {e['msg']}" if param else e["msg"], param=param,
                     code="invalid_value")
 
@@ -386,16 +395,24 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
     async def chat_completions(req: ChatRequest, request: Request):
         pipe = _ready()
         messages = []
-        for m in req.messages:
+        for i, m in enumerate(req.messages):
+            if m.content is None and m.role != "assistant":  # (an assistant's may be tool calls)
+                raise ApiError(400, f"messages.{i}.content: a {m.role} message needs content",
+                               param=f"messages.{i}.content")
+            if isinstance(m.content, list) and any(p.type != "text" or p.text is None for p in m.content):
+                raise ApiError(400, f"messages.{i}.content: only text parts are supported",
+                               param=f"messages.{i}.content")
             text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        return await _answer(request, req, _encode(lambda: pipe.encode_chat(messages)), chat=True)
+        return await _answer(request, req, _encode(lambda: pipe.encode_chat(messages), "messages"),
+                             chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         pipe = _ready()
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        return await _answer(request, req, _encode(lambda: pipe.encode(prompt, raw=True)), chat=False)
+        return await _answer(request, req, _encode(lambda: pipe.encode(prompt, raw=True), "prompt"),
+                             chat=False)
 
     def _ready():
         if worker.pipe is None:
@@ -403,13 +420,13 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
                            "unavailable_error", code="loading")
         return worker.pipe
 
-    def _encode(encode: Callable[[], list[int]]) -> list[int]:
+    def _encode(encode: Callable[[], list[int]], param: str) -> list[int]:
         from jinja2 import TemplateError
 
         try:
             ids = encode()
-        except (UserError, TemplateError, ValueError) as e:
-            raise ApiError(400, str(e), param="messages") from None
+        except (UserError, TemplateError, ValueError) as e:  # e.g. a template's own checks
+            raise ApiError(400, str(e), param=param) from None
         context = worker.pipe.target.context_length
         if len(ids) >= context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the context is {context}"
