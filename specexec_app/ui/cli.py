@@ -457,6 +457,41 @@ def quantize(
                                        f"specexec run --target {out}", soft_wrap=True, markup=False)
 
 
+@app.command()
+@with_options(model_options, decode_options)
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network (there is no authentication).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one, shown at start).")] = 8000,
+    queue: Annotated[int, typer.Option(help="Requests that may wait while one generates; one more gets a 429.")] = 8,
+    name: Annotated[Optional[str], typer.Option(show_default=False, help="Model id the API shows. Default: the target's name.")] = None,
+    opts: dict = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health); one request generates at a time, the others wait in order. The
+    sampling options are the defaults of requests that name none; without --max-new-tokens a
+    reply may fill the context."""
+    from dataclasses import replace
+
+    from specexec_app.ui import serve as server
+
+    with friendly_errors():
+        if not 0 <= port < 65536:
+            raise UserError(f"--port must be in 0..65535 (got {port}; 0 picks a free one)")
+        if not 0 <= queue <= 10_000:
+            raise UserError(f"--queue must be in 0..10000 (got {queue})")
+        config, _ = resolve_config(opts)
+
+        def load_for_serving():
+            pipe = load(config)
+            settings = config.decode
+            if opts.get("max_new_tokens") is None:
+                settings = replace(settings, max_new_tokens=pipe.target.context_length)
+            return pipe, settings
+
+        server.serve(load_for_serving, host, port, queue, name,
+                     log=lambda line: err.print(line, soft_wrap=True, markup=False))
+
+
 def main() -> None:
     app()
 
