@@ -119,8 +119,8 @@ def remove_orphans(parent: Path, prefix: str) -> int:
     gone = 0
     for p in Path(parent).glob(f"{prefix}*") if Path(parent).is_dir() else []:
         pid = p.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue
+        if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue  # this run's own, or a live run's
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         gone += 1
     return gone

@@ -281,9 +281,10 @@ def _ints(text: str | None, name: str) -> list[int] | None:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"{name} takes comma-separated whole numbers (got {text!r})") from None
+        raise UserError(f"--budgets and --chains take comma-separated whole numbers (got {name} "
+                        f"{text!r})") from None
     if not values or min(values) < 1:
-        raise UserError(f"{name} must list numbers of at least 1 (got {text!r})")
+        raise UserError(f"budgets and chain lengths must be at least 1 (got {name} {text!r})")
     return values
 
 

@@ -1,0 +1,141 @@
+"""Bad input, full disks and closed outputs: a one-line `error:` and exit 1, never a traceback, and
+nothing lost or destroyed (each case was a traceback, a cut file or a silent acceptance once)."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from specexec_app.ui.cli import app
+
+runner = CliRunner()
+
+
+def one_line_error(result, needle):
+    out = result.stderr.strip()
+    assert result.exit_code == 1, result.output
+    assert out.startswith("error:") and needle in out, out
+    assert len(out.splitlines()) == 1 and "Traceback" not in result.output
+
+
+def cli(*args, input=None, env=None, limit_bytes=None, timeout=300):
+    """`specexec ARGS` in a subprocess; `limit_bytes` caps the size of any file it writes (as a
+    full disk would: writes past it fail)."""
+    def cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return subprocess.run([sys.executable, "-m", "specexec_app", *args], input=input,
+                          capture_output=True, timeout=timeout, env=env,
+                          preexec_fn=cap if limit_bytes is not None else None)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "hi", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["run", "hi", "--temperature", "inf"], "--temperature must be a finite number"),
+    (["run", "hi", "--temperature", "1e9"], "--temperature must be at most 100"),
+    (["run", "hi", "--top-p", "nan"], "--top-p must be a finite number"),
+    (["run", "hi", "--seed", str(2**63)], "--seed must be at most"),
+    (["run", "hi", "--budget", "100000"], "--budget must be at most 16384"),
+    (["run", "hi", "--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["run", "hi", "--gpu-memory", "1e400"], "is not a size between 1 byte and 1 PiB"),
+    (["run", "hi", "--context", "1"], "--context must be at least 2"),
+    (["run", "hi", "--drafter", "tpu"], "--drafter must be auto, gpu or cpu"),
+    (["run", "hi", "--stats-json", "/no/such/folder/s.json"], "the folder /no/such/folder does not exist"),
+    (["run", "hi", "--stats-json", "/tmp"], "it is a folder"),
+    (["chat", "--temperature", "inf"], "--temperature must be a finite number"),
+    (["serve", "--port", "70000"], "--port must be in 0..65535"),
+    (["bench", "--out", "/dev/null"], "is a file, not a folder"),
+    (["quantize", "--out", "/dev/null"], "is a file, not a folder"),
+])
+def test_bad_options_are_refused_before_anything_loads(args, needle):
+    one_line_error(runner.invoke(app, args), needle)
+
+
+def test_prompt_that_is_not_utf8_is_one_line():
+    for proc in (cli("run", "-", input=b"\xff\xfe binary \x00\x01"),
+                 cli("run", os.fsdecode(b"caf\xe9"))):  # an argument in Latin-1 bytes
+        err = proc.stderr.decode().strip()
+        assert proc.returncode == 1 and err == "error: the prompt is not valid UTF-8 text", err
+
+
+def test_closed_or_full_stdout_is_one_line(tmp_path):
+    full = subprocess.run(f"{sys.executable} -m specexec_app run Hello -n 4 > /dev/full",
+                          shell=True, capture_output=True, timeout=300)
+    closed = subprocess.run(f"{sys.executable} -m specexec_app run Hello -n 4 >&-",
+                            shell=True, capture_output=True, timeout=300)
+    for proc in (full, closed):
+        err = proc.stderr.decode().strip().splitlines()
+        assert proc.returncode == 1 and err[-1].startswith("error: cannot write the reply to "
+                                                           "stdout"), err
+        assert "Traceback" not in proc.stderr.decode()
+
+
+def test_full_disk_keeps_the_old_file_whole(tmp_path):
+    """--stats-json onto a full disk: a one-line error, and the file that was there stays whole
+    (written to a temporary name, renamed only when complete)."""
+    stats = tmp_path / "stats.json"
+    stats.write_text('{"old": true}\n')
+    proc = cli("run", "Hello", "-n", "4", "--stats-json", str(stats), limit_bytes=64)
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 1 and err[-1].startswith(f"error: cannot write {stats}"), err
+    assert json.loads(stats.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]  # no temporary left behind
+
+
+def test_quantize_never_overwrites_its_source_and_cleans_a_failed_write(source, tmp_path):
+    src = Path(source.path)
+    before = {p.name: p.stat().st_size for p in src.iterdir()}
+    r = runner.invoke(app, ["quantize", "--target", str(src), "--out", str(src)])
+    one_line_error(r, "is the source model's folder")
+    other = tmp_path / "holds-a-model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    one_line_error(runner.invoke(app, ["quantize", "--target", str(src), "--out", str(other)]),
+                   "already holds a model; choose an empty folder, or add --force")
+    # A full disk half way: nothing is left in the output's folder but what was there.
+    out = tmp_path / "packed"
+    proc = cli("quantize", "--target", str(src), "--out", str(out), limit_bytes=1 << 20)
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 1 and "nothing was written" in err[-1], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["holds-a-model"]
+    assert {p.name: p.stat().st_size for p in src.iterdir()} == before
+
+
+def test_distill_refuses_its_target_and_never_unpickles(source, tmp_path):
+    one_line_error(runner.invoke(app, ["distill", "--out", source.path, "--steps", "1"]),
+                   "is the source model's folder")
+    # A planted pickle where distill keeps its data: never loaded (the data are safetensors),
+    # and a planted safetensors file that is not ours is a one-line error, not code run.
+    from specexec_app.tools.distill import _load
+
+    work = tmp_path / ".distill"
+    work.mkdir()
+    marker = tmp_path / "pwned"
+    planted = work / "data.safetensors"
+    planted.write_bytes(b"\x80\x04cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    with pytest.raises(Exception, match="cannot be read"):
+        _load(planted)
+    assert not marker.exists()
+
+
+def test_rich_markup_in_user_strings_is_printed_as_is(tmp_path):
+    odd = tmp_path / "a[/]b[bold]c"
+    r = runner.invoke(app, ["run", "hi", "--target", str(odd)])
+    one_line_error(r, f"model not found: {odd}")
+
+
+def test_stale_conversion_folders_are_removed(tmp_path):
+    from specexec_app.files import remove_orphans, temp_folder
+
+    dead = tmp_path / ".convert-999999999-abc"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x" * 10)
+    live = temp_folder(tmp_path, ".convert-")  # this process's: alive
+    assert remove_orphans(tmp_path, ".convert-") == 1
+    assert not dead.exists() and live.exists()
