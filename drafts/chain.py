@@ -31,8 +31,11 @@ class ChainDrafter(Drafter):
     def __init__(self, inner: Drafter):
         self.inner = inner
         if isinstance(inner, ModelDrafter):
+            # One token per forward, as classic speculative decoding drafts: no forward cap
+            # below the depth limit.
             self.inner = ModelDrafter(inner.model, inner.vocab_size, top_k=1, expand_batch=1,
-                                      max_depth=inner.max_depth, stop_ids=inner.stop_ids)
+                                      max_depth=inner.max_depth, stop_ids=inner.stop_ids,
+                                      max_forwards=inner.max_depth + 1)
 
     def reset(self) -> None:
         self.inner.reset()
