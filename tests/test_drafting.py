@@ -71,15 +71,15 @@ def test_the_kept_tree_is_the_best_budget_of_the_whole_top_k_tree(tiny, budget, 
 
 def test_forward_count_batch_and_early_stop(tiny):
     prompt = [5, 6, 7]
-    drafter = ModelDrafter(tiny, VOCAB, top_k=3, max_depth=4, expand_batch=4, max_forwards=100)
+    drafter = ModelDrafter(tiny, VOCAB, top_k=3, max_depth=4, expand_batch=1, max_forwards=100)
     tree = drafter.propose(prompt, 30)
     # Early stop: growth ends, long before the cap, once every kept node that may have children
-    # has been run (its cache slot is set); up to 4 nodes a forward.
+    # has been run (its cache slot is set), and not before; one node a forward here.
     _, slots = drafter._last
     shallow = [i for i, d in enumerate(tree.depths) if d < 4]
     assert all(slots[i] >= 0 for i in shallow)
     runs = sum(s >= 0 for s in slots)
-    assert 1 + math.ceil(runs / 4) <= drafter.forwards < 100
+    assert 1 + runs <= drafter.forwards < 100
     # The cap holds, and a capped tree is still full-size and closed.
     capped = ModelDrafter(tiny, VOCAB, top_k=3, max_depth=8, expand_batch=1, max_forwards=3)
     tree = capped.propose(prompt, 30)
@@ -153,3 +153,41 @@ def test_greedy_with_the_distilled_draft_and_wide_trees(model, tokenizer, chat_i
     assert_same_greedy(model, ids, done.token_ids, reference(model, ids, stops))
     assert done.stats.accepted_per_pass > 1.3
     assert drafter.forwards <= done.stats.target_passes * forward_cap(budget)
+
+
+def test_a_one_row_pass_sends_no_mask_to_attention(tiny):
+    """What reaches the attention function: nothing for a one-token pass (transformers would
+    copy the KV heads for a mask), an aligned tree mask for a tree pass; the logits are those of
+    plain causal passes either way."""
+    from transformers import AttentionInterface
+
+    from specexec_app.core import lm
+    from specexec_app.core.kvcache import TokenCache
+
+    lm.use_fast_attention(tiny)
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, **kw):
+        seen.append(attention_mask)
+        return lm._attention(module, query, key, value, attention_mask, **kw)
+    AttentionInterface.register(lm.ATTENTION, recording)
+    try:
+        kv = TokenCache()
+        lm.forward_tree(tiny, kv, [1, 2, 3], Tree())
+        kv.tokens = [1, 2, 3]
+        seen.clear()
+        one = lm.forward_tree(tiny, kv, [4], Tree())  # one pending token, no tree
+        assert len(seen) == 2 and all(m is None for m in seen)  # both layers
+        kv.tokens = [1, 2, 3, 4]
+        seen.clear()
+        tree = Tree([6, 8, 7], [-1, 0, -1], [0.0, 0.0, 0.0])
+        logits = lm.forward_tree(tiny, kv, [5], tree)
+        assert len(seen) == 2 and all(m is not None and m.stride(-2) % 8 == 0 for m in seen)
+    finally:
+        AttentionInterface.register(lm.ATTENTION, lm._attention)
+    with torch.no_grad():
+        plain = tiny(torch.tensor([[1, 2, 3, 4, 5, 6, 8]])).logits[0]
+        other = tiny(torch.tensor([[1, 2, 3, 4, 5, 7]])).logits[0]
+    torch.testing.assert_close(one[-1], plain[3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[[0, 1, 2]], plain[[4, 5, 6]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[3], other[5], atol=1e-5, rtol=1e-5)
