@@ -40,6 +40,10 @@ class ChainDrafter(Drafter):
     def reset(self) -> None:
         self.inner.reset()
 
+    forwards = property(lambda self: self.inner.forwards)
+    forward_s = property(lambda self: self.inner.forward_s)
+    propose_s = property(lambda self: self.inner.propose_s)
+
     def propose(self, tokens: list[int], budget: int) -> Tree:
         if isinstance(self.inner, ModelDrafter):
             return self.inner.propose(tokens, budget)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 import time
 from contextlib import nullcontext
 
@@ -95,9 +94,9 @@ class ModelDrafter(Drafter):
         self._stops = torch.tensor(sorted(stop_ids), dtype=torch.long).to(model_device(model))
         self.device = model_device(model)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # A CPU drafter's intra-op threads (see cpu_draft_threads), set in each thread it runs on.
-        self.threads = threads if self.device.type == "cpu" else None
-        self._threads_set: set[int] = set()
+        if threads and self.device.type == "cpu":
+            # Process-wide (set in one thread, every thread reads it back): see cpu_draft_threads.
+            torch.set_num_threads(threads)
         self.kv = TokenCache()
         self._last: tuple[Tree, list[int]] | None = None  # last tree and its nodes' cache slots
         self.forwards, self.forward_s, self.propose_s = 0, 0.0, 0.0
@@ -151,9 +150,6 @@ class ModelDrafter(Drafter):
         return out
 
     def propose(self, tokens: list[int], budget: int) -> Tree:
-        if self.threads and threading.get_ident() not in self._threads_set:
-            torch.set_num_threads(self.threads)
-            self._threads_set.add(threading.get_ident())
         t0 = CLOCK()
         spans: list = []
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
@@ -198,9 +194,14 @@ class ModelDrafter(Drafter):
 
 
 def cpu_draft_threads(cores: int | None = None) -> int:
-    """Intra-op threads for a draft on the CPU beside a target on a GPU: every core but two, one
-    left to the thread that feeds the GPU (it launches every kernel of the pass: starved, the
-    GPU waits) and one to the disk readers of a streamed target; at least one."""
+    """Intra-op threads for a draft on the CPU beside a target on a GPU (`threads` of
+    ModelDrafter): every core but two, one left to the thread that feeds the GPU (it launches
+    every kernel of the pass: starved, the GPU waits) and one to the disk readers of a streamed
+    target; at least one. torch.set_num_threads is process-wide, not per thread (measured with
+    torch 2.13's OpenMP backend: set in a worker thread, the main thread and new threads read
+    the new value back), so the split is one pool size for the whole process: the feeding
+    thread's own ops are kernel launches that never use the pool, so shrinking the pool costs
+    it nothing and keeps the drafter's OpenMP team from taking its core."""
     import os
 
     cores = cores or os.cpu_count() or 1
