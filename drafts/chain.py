@@ -31,11 +31,18 @@ class ChainDrafter(Drafter):
     def __init__(self, inner: Drafter):
         self.inner = inner
         if isinstance(inner, ModelDrafter):
+            # One token per forward, as classic speculative decoding drafts: no forward cap
+            # below the depth limit.
             self.inner = ModelDrafter(inner.model, inner.vocab_size, top_k=1, expand_batch=1,
-                                      max_depth=inner.max_depth, stop_ids=inner.stop_ids)
+                                      max_depth=inner.max_depth, stop_ids=inner.stop_ids,
+                                      max_forwards=inner.max_depth + 1)
 
     def reset(self) -> None:
         self.inner.reset()
+
+    forwards = property(lambda self: self.inner.forwards)
+    forward_s = property(lambda self: self.inner.forward_s)
+    propose_s = property(lambda self: self.inner.propose_s)
 
     def propose(self, tokens: list[int], budget: int) -> Tree:
         if isinstance(self.inner, ModelDrafter):

@@ -2,39 +2,104 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
+import time
+from contextlib import nullcontext
+
 import torch
 
 from specexec_app.core.kvcache import TokenCache
-from specexec_app.core.lm import forward_tree, model_device, use_fast_attention
-from specexec_app.core.tree import Tree, additive_mask
+from specexec_app.core.lm import forward_tree, mask_dtype, model_device, run, use_fast_attention
+from specexec_app.core.tree import GrowingTree, Tree
 
 from .base import Drafter
+
+# Host timing (benchmarks/draft_bench.py swaps in time.thread_time to be deaf to other load).
+CLOCK = time.perf_counter
+MIN_BATCH = 128  # nodes run per draft forward at least (or all that are left to run)
+
+
+def expand_batch(budget: int) -> int:
+    """Nodes run per draft forward at budget `budget`: the bulk of a 2048-node tree in about 11
+    forwards."""
+    return max(MIN_BATCH, budget // 8)
+
+
+HEAD_ROWS = 32  # rows of draft logits normalised at once
+
+
+def top_k(x: torch.Tensor, k: int, width: int = 64) -> torch.Tensor:
+    """torch.topk(x, k) of each row of x [r, V], as (values, indices) [r, k], in two steps: the
+    k columns blocks of `width` with the largest maxima hold the k largest values (each of those
+    lies in a block whose maximum is at least the k-th largest), so one max over the row and a
+    top-k over k * width values replace a top-k over the whole row (4x less time on a CPU)."""
+    r, v = x.shape
+    k = min(k, v)
+    if v <= k * width:
+        return x.topk(k)
+    full = v // width * width
+    maxima = x[:, :full].view(r, -1, width).amax(-1)  # [r, v // width]
+    if full < v:
+        maxima = torch.cat([maxima, x[:, full:].amax(-1, keepdim=True)], 1)
+    blocks = maxima.topk(k).indices  # [r, k]
+    cols = (blocks[..., None] * width + torch.arange(width, device=x.device)).flatten(1)
+    vals = x.gather(1, cols.clamp(max=v - 1)).masked_fill(cols >= v, -math.inf)
+    values, at = vals.topk(k)
+    return values, cols.gather(1, at)
+
+
+def forward_cap(budget: int) -> int:
+    """Most draft forwards per tree: 16 up to budget 2048, 4 more for each doubling past it.
+    A tree grows one level per forward, so this caps its depth (at forwards - 1 levels below the
+    root's children): without it a confident draft spends its last ~10 forwards taking a few
+    chains one level deeper each (21 forwards for a 2048-node tree on a Spec-Bench prompt with
+    the distilled draft, 5 or fewer nodes run in each of the last 6)."""
+    return 16 + 4 * max(0, math.ceil(math.log2(budget / 2048))) if budget > 0 else 1
 
 
 class ModelDrafter(Drafter):
     """Any small causal LM that shares the target's tokenizer.
 
-    Each round takes the best not-yet-expanded nodes among the current best `budget` (up to
-    `expand_batch` of them), runs the draft once over all of them with a tree mask on its KV
-    cache, and adds each one's `top_k` children. It stops when no node within the best `budget`
-    is left to expand: no new child could then enter the kept set. The KV entries of expanded
-    nodes that the target accepts are kept for the next call.
+    Each round ranks every node drafted so far, takes the best not-yet-run nodes among the best
+    `budget` (up to `expand_batch(budget)` of them), runs the draft once over all of them with a
+    tree mask on its KV cache, and adds each one's `top_k` children (one batched top-k). It stops
+    when no node within the best `budget` is left to run (no new child could then enter the
+    kept set: a child never scores above its parent), or after `max_forwards` forwards. The kept
+    tree is the best `budget` nodes of all that were scored. The tree stays on the draft's device
+    until it is final: a round's one host round trip is the count of nodes left to run. The KV
+    entries of run nodes that the target accepts are kept for the next call.
+
+    On CUDA the draft runs on a stream of its own, so that drafting on another thread
+    (`--overlap`) does not queue behind the target's pass on the default stream; its forward
+    time is taken with events on that stream, never by synchronising the device.
+
+    Counters (cumulative, for the engine's stats): `forwards` (draft forwards; a prompt's
+    prefill counts as one), `forward_s` (time inside them) and `propose_s` (time in `propose`);
+    the host's share of drafting is propose_s - forward_s.
     """
 
     name = "model"
 
-    def __init__(self, model, vocab_size: int, top_k: int = 8, expand_batch: int = 32,
-                 max_depth: int = 32, stop_ids: frozenset[int] = frozenset()):
+    def __init__(self, model, vocab_size: int, top_k: int = 8, expand_batch: int | None = None,
+                 max_depth: int = 32, stop_ids: frozenset[int] = frozenset(),
+                 max_forwards: int | None = None, threads: int | None = None):
         use_fast_attention(model)
         self.model = model
         self.vocab_size = vocab_size  # ids past the shared tokenizer's vocabulary are never drafted
         self.top_k = top_k
-        self.expand_batch = expand_batch
+        self.expand_batch = expand_batch  # None: expand_batch(budget)
         self.max_depth = max_depth
+        self.max_forwards = max_forwards  # None: forward_cap(budget)
         self.stop_ids = stop_ids
+        self._stops = torch.tensor(sorted(stop_ids), dtype=torch.long).to(model_device(model))
+        self.device = model_device(model)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if threads and self.device.type == "cpu":
+            # Process-wide (set in one thread, every thread reads it back): see cpu_draft_threads.
+            torch.set_num_threads(threads)
         self.kv = TokenCache()
         self._last: tuple[Tree, list[int]] | None = None  # last tree and its nodes' cache slots
+        self.forwards, self.forward_s, self.propose_s = 0, 0.0, 0.0
 
     def reset(self) -> None:
         self.kv.reset()
@@ -58,68 +123,86 @@ class ModelDrafter(Drafter):
         self.kv.commit(kept_tokens, kept_slots)
 
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
+        """[r, V] logits -> [r, vocab_size] float32 log-probabilities (one fused pass a row)."""
+        return torch.log_softmax(logits[:, : self.vocab_size].float().contiguous(), -1)
+
+    def _top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[r, V] logits -> the top_k log-probabilities and token ids [r, k] of each row."""
+        # In blocks of rows: on a CPU, one [256, 49152] log-softmax costs 3x eight [32, 49152]
+        # ones (a fresh 50 MB output faults its pages in); on a GPU a block is one launch more.
+        out = [top_k(self._logprobs(block), self.top_k) for block in logits.split(HEAD_ROWS)]
+        values, ids = (torch.cat(x) for x in zip(*out))
+        # Rounding must never lift a child above its parent: the kept set's closure rests on it.
+        return values.clamp(max=0.0), ids
+
+    def _timed(self, spans: list, forward):
+        """Run `forward`, noting its span: events on the draft's stream, or host time on a CPU."""
+        if self.stream is None:
+            t0 = CLOCK()
+            out = forward()
+            spans.append(CLOCK() - t0)
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        out = forward()
+        end.record(self.stream)
+        spans.append((start, end))
+        return out
 
     def propose(self, tokens: list[int], budget: int) -> Tree:
+        t0 = CLOCK()
+        spans: list = []
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            tree = self._grow(tokens, budget, spans)  # ends in a host copy: the stream is done
+        self.forwards += len(spans)
+        self.forward_s += sum(s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3
+                              for s in spans)
+        self.propose_s += CLOCK() - t0
+        return tree
+
+    def _grow(self, tokens: list[int], budget: int, spans: list) -> Tree:
         self._reuse_last_tree(tokens)
         pending = self.kv.sync(tokens)
-        root_lp = self._logprobs(forward_tree(self.model, self.kv, pending, Tree()))[-1]
+        root = self._timed(spans, lambda: forward_tree(self.model, self.kv, pending, Tree()))
         self.kv.tokens = list(tokens)  # the pending tokens are now cached
+        past = len(tokens)
 
-        tree = Tree()
-        depths: list[int] = []
-        slots: list[int] = []  # cache slot of each node once expanded, else -1
-        self._add_children(tree, depths, slots, -1, 0.0, root_lp)
-        while True:
-            batch = self._next_batch(tree, depths, slots, budget)
-            if not batch:
+        grow = GrowingTree(self.device, self.max_depth, self._stops, capacity=self.top_k * (budget + 1),
+                           runs=budget + MIN_BATCH)
+        values, ids = self._top(root[-1:])
+        grow.add(torch.full_like(ids[0], -1), ids[0], values[0])
+        batch, dtype = self.expand_batch or expand_batch(budget), mask_dtype(self.model)
+        cap = self.max_forwards or forward_cap(budget)
+        while len(spans) < cap and budget > 0:
+            best = grow.ranked(budget)
+            todo = grow.open[best]
+            left = int(todo.sum())  # the round's one host round trip
+            if left == 0:
                 break
-            logprobs = self._expand(tree, slots, batch, depths)
-            for node, lp in zip(batch, logprobs):
-                self._add_children(tree, depths, slots, node, tree.scores[node], lp)
-        keep = tree.best_nodes(budget)
-        final = tree.select(keep)
-        self._last = (final, [slots[i] for i in keep])
+            b = min(left, batch)
+            # The best b of them (`best` is in rank order; a stable sort keeps it).
+            nodes = best[torch.argsort((~todo).to(torch.uint8), stable=True)[:b]]
+            ids, pos, mask = grow.pass_inputs(nodes, past, dtype)
+            logits = self._timed(spans, lambda: run(self.model, self.kv, ids, pos, mask, b))
+            values, top = self._top(logits)  # [b, k]
+            grow.add(nodes.repeat_interleave(top.shape[1]), top.flatten(),
+                     (grow.scores[nodes, None] + values).flatten())
+        keep = grow.ranked(budget).sort().values
+        final, slots = grow.to_host(keep)
+        self._last = (final, slots)
         return final
 
-    def _add_children(self, tree, depths, slots, parent, score, logprobs) -> None:
-        k = min(self.top_k, logprobs.shape[-1])
-        values, ids = logprobs.topk(k)
-        depth = depths[parent] + 1 if parent >= 0 else 1
-        for v, t in zip(values.tolist(), ids.tolist()):
-            tree.add(t, parent, score + v)
-            depths.append(depth)
-            slots.append(-1)
 
-    def _next_batch(self, tree, depths, slots, budget) -> list[int]:
-        """The best unexpanded nodes among the current best `budget`, best first."""
-        scores = np.asarray(tree.scores)
-        order = np.argsort(-scores, kind="stable")[:budget]
-        batch = [int(i) for i in order
-                 if slots[i] < 0 and depths[i] < self.max_depth
-                 and tree.tokens[i] not in self.stop_ids and np.isfinite(scores[i])]
-        return batch[: self.expand_batch]
+def cpu_draft_threads(cores: int | None = None) -> int:
+    """Intra-op threads for a draft on the CPU beside a target on a GPU (`threads` of
+    ModelDrafter): every core but two, one left to the thread that feeds the GPU (it launches
+    every kernel of the pass: starved, the GPU waits) and one to the disk readers of a streamed
+    target; at least one. torch.set_num_threads is process-wide, not per thread (measured with
+    torch 2.13's OpenMP backend: set in a worker thread, the main thread and new threads read
+    the new value back), so the split is one pool size for the whole process: the feeding
+    thread's own ops are kernel launches that never use the pool, so shrinking the pool costs
+    it nothing and keeps the drafter's OpenMP team from taking its core."""
+    import os
 
-    def _expand(self, tree: Tree, slots: list[int], batch: list[int], depths) -> torch.Tensor:
-        """Run the draft on `batch` (whose ancestors are all expanded): [len(batch), V] logprobs."""
-        past = len(self.kv.tokens)            # committed prefix; expanded nodes follow it
-        cached = self.kv.cache.get_seq_length()
-        q = len(batch)
-        allowed = torch.zeros(q, cached + q, dtype=torch.bool)
-        allowed[:, :past] = True
-        for row, node in enumerate(batch):
-            parent = tree.parents[node]
-            while parent >= 0:
-                allowed[row, slots[parent]] = True
-                parent = tree.parents[parent]
-            allowed[row, cached + row] = True
-            slots[node] = cached + row
-        device = model_device(self.model)
-        dtype = self.model.dtype
-        ids = torch.tensor([[tree.tokens[i] for i in batch]], device=device)
-        pos = torch.tensor([[past - 1 + depths[i] for i in batch]], device=device)
-        with torch.inference_mode():
-            out = self.model(input_ids=ids, position_ids=pos,
-                             attention_mask=additive_mask(allowed, dtype).to(device),
-                             past_key_values=self.kv.cache, use_cache=True)
-        return self._logprobs(out.logits[0])
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - 2)

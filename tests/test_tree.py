@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specexec_app.core.sampling import Sampler, accept
-from specexec_app.core.tree import Tree, tree_inputs
+from specexec_app.core.tree import KEY_ALIGN, Tree, tree_inputs
 
 
 def random_tree(n: int, seed: int) -> Tree:
@@ -46,6 +46,49 @@ def test_mask_is_the_ancestor_relation_and_positions_are_depths(seed):
         depth = len(ancestors(tree, i))
         assert pos[0, p + i] == past + p - 1 + depth        # root position + depth
     assert pos[0, :p].tolist() == list(range(past, past + p))
+
+
+def reference_inputs(pending, tree, past, dtype):
+    """tree_inputs as it was at cf67880: the mask built on the CPU, element by element."""
+    p, n = len(pending), len(tree)
+    root = past + p - 1
+    ids = torch.tensor([pending + tree.tokens])
+    pos = torch.tensor([list(range(past, past + p)) + [root + d for d in tree.depths]])
+    ancestors = torch.zeros(n, n, dtype=torch.bool)
+    for i, parent in enumerate(tree.parents):
+        if parent >= 0:
+            ancestors[i, :parent + 1] = ancestors[parent, :parent + 1]
+        ancestors[i, i] = True
+    allowed = torch.zeros(p + n, past + p + n, dtype=torch.bool)
+    allowed[:, :past] = True
+    allowed[:p, past:past + p] = torch.ones(p, p, dtype=torch.bool).tril()
+    allowed[p:, past:past + p] = True
+    allowed[p:, past + p:] = ancestors
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return ids, pos, mask[None, None]
+
+
+@pytest.mark.parametrize("n, pending, past", [(0, 5, 0), (1, 1, 0), (40, 3, 5), (300, 1, 77),
+                                              (64, 2, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_built_inputs_equal_the_reference(n, pending, past, dtype):
+    tree = random_tree(n, n + past)
+    if n > 100:  # deep chains too
+        for i in range(n - 30, n):
+            tree.parents[i] = i - 1
+    toks = list(range(10, 10 + pending))
+    got, want = tree_inputs(toks, tree, past, dtype), reference_inputs(toks, tree, past, dtype)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    mask = got[2]
+    assert mask.shape == (1, 1, pending + n, past + pending + n)
+    # Attention never copies it to pad the key width: every stride but the last is aligned.
+    assert all(s % KEY_ALIGN == 0 for s in mask.stride()[:-1]) and mask.stride(-1) == 1
+
+
+def test_a_one_row_pass_has_no_mask():
+    ids, pos, mask = tree_inputs([42], Tree(), 17, torch.float32)
+    assert mask is None and ids.tolist() == [[42]] and pos.tolist() == [[17]]
 
 
 @pytest.mark.parametrize("budget", [1, 5, 17, 40, 100])

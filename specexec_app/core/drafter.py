@@ -16,6 +16,11 @@ class Drafter(ABC):
     """
 
     name: str = "drafter"
+    # Cumulative counters for stats (a model drafter's): draft forwards run, seconds inside
+    # them, seconds in propose. Drafters without a model leave them at 0.
+    forwards: int = 0
+    forward_s: float = 0.0
+    propose_s: float = 0.0
 
     @abstractmethod
     def propose(self, tokens: list[int], budget: int) -> Tree:

@@ -38,6 +38,7 @@ class Pass:
     target_s: float
     streamed_bytes: int = 0
     end_s: float = 0.0  # when the pass ended, in seconds since the reply began
+    draft_forwards: int = 0  # forwards of the draft model that grew this pass's tree
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Stats:
     tree_nodes: int = 0
     reused_trees: int = 0  # passes whose tree was drafted during the previous verification
     streamed_bytes: int = 0
+    draft_forwards: int = 0
     load_s: float = 0.0    # loading the models (set by the caller; one per session)
     stop_reason: str = ""
 
@@ -79,6 +81,7 @@ class Stats:
         self.draft_s += p.draft_s
         self.target_s += p.target_s
         self.streamed_bytes += p.streamed_bytes
+        self.draft_forwards += p.draft_forwards
         self.wall_s = p.end_s
 
     @property
@@ -198,7 +201,7 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
     with Lookahead(drafter, settings.overlap) as ahead:
         while not reason:
             room_new, room_ctx = settings.max_new_tokens - len(new), target.context_length - len(tokens)
-            tree, streamed = None, target.bytes_streamed
+            tree, streamed, forwards = None, target.bytes_streamed, drafter.forwards
             try:
                 clock.mark()
                 tree = ahead.take(tokens, budget) or drafter.propose(tokens, budget)
@@ -220,7 +223,7 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
             new += out
             draft_s, target_s = clock.laps()
             step = Pass(len(tree), len(out), draft_s, target_s, target.bytes_streamed - streamed,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, drafter.forwards - forwards)
             stats.add(step)
             yield step
             if out:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specexec_app.core.kvcache import TokenCache
 from specexec_app.core.tree import Tree, tree_inputs
@@ -10,14 +13,23 @@ from specexec_app.core.tree import Tree, tree_inputs
 
 ATTENTION = "specexec_sdpa"
 
+# Kernels that take an additive mask without materialising the [heads, q, kv] scores. The math
+# kernel would (64 x 2049 x 10241 scores for a 70B tree pass: 2.7-5.4 GB that no plan holds), so
+# on CUDA a masked call that none of these can run fails loudly instead.
+MASKED_KERNELS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+# sdpa_kernel sets process-wide flags and restores them on exit: two threads (target and an
+# overlapped draft) entering and leaving it interleaved could leave either one unrestricted.
+_kernel_flags = threading.Lock()
+
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                is_causal=None, **kwargs):
-    """transformers' "sdpa" attention, except on a CPU for several query rows under a mask (a
-    tree pass) with grouped KV heads: there SDPA shares each KV head among its query heads
-    (`enable_gqa`) instead of transformers copying the keys and values to every head first
-    (`repeat_kv`), which cost a quarter of a 3-row pass at 6k tokens of context on 2 cores. The
-    same arithmetic. (On a GPU a mask with `enable_gqa` would fall back to the math kernel.)"""
+    """transformers' "sdpa" attention, with two changes. On CUDA a masked call (a tree pass) may
+    only run MASKED_KERNELS. On a CPU, several query rows under a mask with grouped KV heads run
+    SDPA sharing each KV head among its query heads (`enable_gqa`) instead of transformers
+    copying the keys and values to every head first (`repeat_kv`), which cost a quarter of a
+    3-row pass at 6k tokens of context on 2 cores; the same arithmetic. (On a GPU a mask with
+    `enable_gqa` would need the math kernel.)"""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if (query.device.type == "cpu" and attention_mask is not None and query.shape[2] > 1
@@ -27,6 +39,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
+    if query.device.type == "cuda" and attention_mask is not None:
+        with _kernel_flags, sdpa_kernel(MASKED_KERNELS):
+            return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                          dropout=dropout, scaling=scaling, is_causal=is_causal,
+                                          **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 
@@ -76,16 +93,26 @@ def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree) -> torch
     return _forward(model, kv, len(kv.tokens) + done, pending[done:], tree)
 
 
+def mask_dtype(model) -> torch.dtype:
+    """The dtype of the additive masks given to `model` (float32 where its dtype is not a float)."""
+    return model.dtype if model.dtype.is_floating_point else torch.float32
+
+
+def run(model, kv: TokenCache, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+        rows: int) -> torch.Tensor:
+    """One forward of `model`: input_ids and position_ids [1, q] and an additive mask
+    [1, 1, q, cached + q] (None: every row sees every key) on top of `kv`'s cache, whose new
+    entries are appended. Returns the logits [rows, V] of the last `rows` rows."""
+    with torch.inference_mode():
+        out = model(input_ids=ids, position_ids=pos, attention_mask=mask,
+                    past_key_values=kv.cache, use_cache=True, logits_to_keep=rows)
+    return out.logits[0]
+
+
 def _forward(model, kv: TokenCache, past: int, pending: list[int], tree: Tree) -> torch.Tensor:
     """`pending` then `tree` on top of the `past` entries that `kv`'s cache holds."""
-    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
-    ids, pos, mask = tree_inputs(pending, tree, past, dtype)
-    device = model_device(model)
-    with torch.inference_mode():
-        out = model(input_ids=ids.to(device), position_ids=pos.to(device),
-                    attention_mask=mask.to(device), past_key_values=kv.cache,
-                    use_cache=True, logits_to_keep=len(tree) + 1)
-    return out.logits[0]
+    ids, pos, mask = tree_inputs(pending, tree, past, mask_dtype(model), model_device(model))
+    return run(model, kv, ids, pos, mask, len(tree) + 1)
 
 
 DEFAULT_CONTEXT = 8192  # tokens of a conversation when the user names none (the KV cache's room)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -69,8 +70,8 @@ class Tree:
         because a child never scores above its parent (ties keep the parent: lower index)."""
         if len(self) <= budget:
             return list(range(len(self)))
-        order = sorted(range(len(self)), key=lambda i: (-self.scores[i], i))
-        return sorted(order[:budget])
+        order = np.lexsort((np.arange(len(self)), -np.asarray(self.scores, dtype=np.float64)))
+        return sorted(order[:budget].tolist())
 
     def select(self, keep: list[int]) -> Tree:
         """The sub-tree of the nodes `keep` (ascending, closed under ancestors), renumbered."""
@@ -135,30 +136,164 @@ def regraft(prefix: list[int], tree: Tree, committed: list[int]) -> Tree:
     return out
 
 
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[q, kv] bool -> [1, 1, q, kv] additive float mask (0 where allowed, dtype's min elsewhere)."""
-    mask = torch.zeros(allowed.shape, dtype=dtype)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+KEY_ALIGN = 8  # SDPA's memory-efficient kernel copies a mask whose row stride is not a multiple of 8
 
 
-def tree_inputs(pending: list[int], tree: Tree, past_len: int, dtype: torch.dtype):
-    """Inputs of one pass over `pending` committed tokens (not yet cached; the last is the root)
-    followed by the tree's nodes, on top of `past_len` cached tokens.
+def padded_mask(rows: int, width: int, dtype: torch.dtype, device, past: int) -> torch.Tensor:
+    """[rows, width] additive mask, 0 over the first `past` columns and dtype's min elsewhere, as a
+    view of storage `width` rounded up to KEY_ALIGN wide (so that attention never pads a copy)."""
+    full = torch.empty(rows, -(-width // KEY_ALIGN) * KEY_ALIGN, dtype=dtype, device=device)
+    full[:, :past] = 0
+    full[:, past:] = torch.finfo(dtype).min
+    return full[:, :width]
 
-    Returns input_ids [1, q], position_ids [1, q] and an additive mask [1, 1, q, past_len + q],
-    q = len(pending) + len(tree): pending tokens attend causally, every node attends to the whole
-    prefix and to its own ancestors, and a node at depth d sits at the root's position + d.
+
+def mark_ancestors(mask: torch.Tensor, parents: torch.Tensor, nodes: torch.Tensor,
+                   columns: torch.Tensor, steps: int) -> torch.Tensor:
+    """Open (set to 0) in row r of `mask` [len(nodes), K] the column of nodes[r] and of each of its
+    ancestors, walking up `steps` generations with tensor ops (no host round trip).
+
+    parents: [n] parent index of every node, -1 below the root; columns: [n] each node's column
+    (key slot). Returns each row's depth [len(nodes)] (1 for a child of the root), exact when
+    `steps` is at least the deepest row's depth.
     """
+    rows = torch.arange(len(nodes), device=nodes.device)
+    own = columns[nodes]
+    cur, depth = nodes, torch.zeros_like(nodes)
+    for _ in range(steps):
+        live = cur >= 0
+        safe = cur.clamp(min=0)
+        mask[rows, torch.where(live, columns[safe], own)] = 0  # a finished row re-opens its own
+        depth += live
+        cur = torch.where(live, parents[safe], cur)
+    return depth
+
+
+def _to_device(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Lists of ints -> one long tensor on `device`, copied once and without a host wait."""
+    t = torch.tensor(rows, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def tree_inputs(pending: list[int], tree: Tree, past_len: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu"):
+    """Inputs of one pass over `pending` committed tokens (not yet cached; the last is the root)
+    followed by the tree's nodes, on top of `past_len` cached tokens, built on `device`.
+
+    Returns input_ids [1, q], position_ids [1, q] and an additive mask [1, 1, q, past_len + q]
+    (its rows stride a multiple of KEY_ALIGN), or None for a one-row pass, which sees everything
+    cached. q = len(pending) + len(tree): pending tokens attend causally, every node attends to
+    the whole prefix and to its own ancestors, and a node at depth d sits at the root's position
+    + d. Only the tokens and parent indices cross to the device; mask and depths are built there.
+    """
+    device = torch.device(device)
     p, n = len(pending), len(tree)
     assert p >= 1, "the root token must be among the pending tokens"
-    root_pos = past_len + p - 1
-    ids = torch.tensor([pending + tree.tokens], dtype=torch.long)
-    pos = torch.tensor([list(range(past_len, past_len + p)) + [root_pos + d for d in tree.depths]],
-                       dtype=torch.long)
-    allowed = torch.zeros(p + n, past_len + p + n, dtype=torch.bool)
-    allowed[:, :past_len] = True
-    allowed[:p, past_len:past_len + p] = torch.ones(p, p, dtype=torch.bool).tril()
-    allowed[p:, past_len:past_len + p] = True
-    allowed[p:, past_len + p:] = tree.ancestor_mask()
-    return ids, pos, additive_mask(allowed, dtype)
+    q, width = p + n, past_len + p + n
+    sent = _to_device([pending + tree.tokens, [-1] * p + tree.parents], device)
+    ids, parents = sent[:1], sent[1, p:]
+    pos = torch.arange(past_len, past_len + q, device=device)
+    if q == 1:
+        return ids, pos[None], None
+    mask = padded_mask(q, width, dtype, device, past_len)
+    mask[:p, past_len:past_len + p].triu_(1)  # pending tokens: causal among themselves
+    if n:
+        mask[p:, past_len:past_len + p] = 0
+        nodes = torch.arange(n, device=device)
+        steps = max(tree.depths)
+        depth = mark_ancestors(mask[p:], parents, nodes, past_len + p + nodes, steps)
+        pos[p:] = past_len + p - 1 + depth
+    return ids, pos[None], mask[None, None]
+
+
+class GrowingTree:
+    """A tree being grown on a device by a draft model. Node i's token, parent (-1 below the
+    root), score, depth, key slot (its entry in the draft's KV cache once the draft has run on
+    it, else -1) and whether it is open (may still be run) are tensors [capacity]; so is the
+    ancestor relation among the nodes run, `seen` [runs, runs]. The host knows only counts, so
+    growing needs no host round trip. Parents come before their children, and scores never rise
+    from a parent to its child. A node is open until run, unless it is `max_depth` deep, ends
+    on a token of `stops` [s], or scores -inf."""
+
+    def __init__(self, device: torch.device, max_depth: int, stops: torch.Tensor,
+                 capacity: int = 1024, runs: int = 256):
+        self.device = torch.device(device)
+        self.max_depth, self.stops = max_depth, stops
+        self.n = 0     # nodes
+        self.runs = 0  # nodes run, in slots past .. past + runs - 1 of the draft's cache
+        kw = dict(dtype=torch.long, device=self.device)
+        self.tokens = torch.zeros(capacity, **kw)
+        self.parents = torch.full((capacity,), -1, **kw)
+        self.depths = torch.zeros(capacity, **kw)
+        self.slots = torch.full((capacity,), -1, **kw)
+        self.scores = torch.full((capacity,), -math.inf, dtype=torch.float32, device=self.device)
+        self.open = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self.seen = torch.zeros(runs, runs, dtype=torch.bool, device=self.device)
+
+    def _reserve(self, m: int) -> None:
+        cap = len(self.tokens)
+        if self.n + m > cap:
+            grow = max(cap, self.n + m - cap)
+            for name, fill in (("tokens", 0), ("parents", -1), ("depths", 0), ("slots", -1),
+                               ("scores", -math.inf), ("open", False)):
+                old = getattr(self, name)
+                setattr(self, name, torch.cat([old, old.new_full((grow,), fill)]))
+
+    def add(self, parents: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor) -> None:
+        """Append nodes: parents, tokens, scores [m] (parents already in the tree, or -1)."""
+        m = len(tokens)
+        self._reserve(m)
+        new = slice(self.n, self.n + m)
+        self.tokens[new] = tokens
+        self.parents[new] = parents
+        self.scores[new] = scores
+        depths = torch.where(parents >= 0, self.depths[parents.clamp(min=0)] + 1, 1)
+        self.depths[new] = depths
+        self.open[new] = ((depths < self.max_depth) & scores.isfinite()
+                          & ~torch.isin(tokens, self.stops))
+        self.n += m
+
+    def ranked(self, budget: int) -> torch.Tensor:
+        """The best min(budget, n) nodes [k], best first: by score, ties to the lower index, so the
+        set is closed under ancestors (what Tree.best_nodes keeps)."""
+        return torch.sort(self.scores[:self.n], descending=True, stable=True).indices[:budget]
+
+    def pass_inputs(self, nodes: torch.Tensor, past: int, dtype: torch.dtype):
+        """Inputs of a draft pass over open `nodes` [b] (whose ancestors have all been run) on top
+        of the draft's cache: the committed prefix (`past` entries, the root last) then the
+        nodes run so far. The nodes take the next b slots and are closed. Returns input_ids
+        [1, b], position_ids [1, b] and an additive mask [1, 1, b, past + runs + b]: each row
+        sees the prefix, its ancestors and itself."""
+        b, runs = len(nodes), self.runs
+        if runs + b > len(self.seen):
+            cap = max(2 * len(self.seen), runs + b)
+            seen = torch.zeros(cap, cap, dtype=torch.bool, device=self.device)
+            seen[:runs, :runs] = self.seen[:runs, :runs]
+            self.seen = seen
+        own = torch.arange(runs, runs + b, device=self.device)
+        # A node sees what its parent saw, and itself (a child of the root: only itself).
+        parent_run = self.slots[self.parents[nodes].clamp(min=0)] - past
+        rows = self.seen[parent_run.clamp(min=0), : runs + b] & (self.parents[nodes] >= 0)[:, None]
+        rows[torch.arange(b, device=self.device), own] = True
+        self.seen[runs:runs + b, : runs + b] = rows
+        self.slots[nodes] = past + own
+        self.open[nodes] = False
+        self.runs += b
+        mask = padded_mask(b, past + runs + b, dtype, self.device, past)
+        mask[:, past:].masked_fill_(rows, 0)
+        return self.tokens[nodes][None], (past - 1 + self.depths[nodes])[None], mask[None, None]
+
+    def to_host(self, keep: torch.Tensor) -> tuple[Tree, list[int]]:
+        """The sub-tree of the nodes `keep` [k] (ascending, closed under ancestors), renumbered,
+        and each kept node's key slot (-1 if never run): one device-to-host copy."""
+        new_index = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
+        new_index[keep] = torch.arange(len(keep), device=self.device)
+        parents = self.parents[keep]
+        parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], -1)
+        rows = torch.stack([self.tokens[keep].double(), parents.double(),
+                            self.slots[keep].double(), self.scores[keep].double()]).tolist()
+        tokens, parents, slots, scores = rows
+        tree = Tree([int(t) for t in tokens], [int(p) for p in parents], scores)
+        return tree, [int(s) for s in slots]

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from drafts import Drafter, ModelDrafter, NgramDrafter
+from drafts.model import cpu_draft_threads
 from drafts.distilled import is_distilled, load_draft
 
 from specexec_app.core import engine
@@ -173,4 +174,8 @@ def make_drafter(draft: str, dsrc, src, model, ddev: torch.device, vocab: int, s
         status(f"loading draft {draft}")
         dmodel = load_model(dsrc, ddev, trust_remote_code=trust_remote_code)
         vocab = min(vocab, dmodel.config.vocab_size)
-    return ModelDrafter(dmodel, vocab, stop_ids=frozenset(stops))
+    # A draft on the CPU beside a target on a GPU: threads of its own, cores left to the thread
+    # that feeds the GPU and to the disk readers.
+    beside_gpu = ddev.type == "cpu" and model_device(model).type == "cuda"
+    return ModelDrafter(dmodel, vocab, stop_ids=frozenset(stops),
+                        threads=cpu_draft_threads() if beside_gpu else None)
