@@ -110,7 +110,7 @@ def main() -> None:
         planned = placement.fixed_bytes + 2 * placement.packed_layer_bytes + placement.work_bytes
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        streamer = offload_model(model, device, placement, dtype=dtype)
+        streamer = offload_model(model, device, placement, dtype=dtype).streamer
         rows = []
         for n in sizes:
             before = streamer.bytes_streamed
@@ -184,8 +184,8 @@ def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> 
         budget = p16.fixed_bytes + 2**30 + 3 * p16.packed_layer_bytes if device.type == "cuda" else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        loaded = load_offloaded(folder, device, 16, "disk", budget, 0, dtype)
-        streamer, placement = loaded._specexec_streamer, loaded._specexec_placement
+        offloaded = load_offloaded(folder, device, 16, "disk", budget, 0, dtype)
+        loaded, streamer, placement = offloaded.model, offloaded.streamer, offloaded.placement
         rows = []
         for n in [int(x) for x in args.disk_sizes.split(",")]:
             before = streamer.bytes_streamed
@@ -200,7 +200,7 @@ def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> 
             placement=describe(placement), disk_read_GBps=peak, cold=cold, rows=rows,
             peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             rss_bytes=psutil.Process().memory_info().rss)
-        del loaded, streamer
+        del loaded, streamer, offloaded
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
     `plan_placement`, with room for a `context`-token KV cache and `tree_budget`-node trees)
     layer by layer as it is read. Layers streamed from disk are read in place
     on every pass: 16-bit ones from the safetensors files, quantized ones from a folder that
-    `specexec quantize` wrote. Returns the model (eval mode)."""
+    `specexec quantize` wrote. Returns the `Offloaded` model (eval mode)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -53,7 +53,8 @@ def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
     try:
         placement = plan_placement(model, device, quant, offload, gpu_memory, reserve, dtype=dtype,
                                    ram_free=ram_free, context=context, tree_budget=tree_budget,
-                                   can_stream_from_disk=bool(packed) or quant == 16)
+                                   can_stream_from_disk=bool(packed) or quant == 16,
+                                   packed_layout=packed.layout() if packed else None)
     except MemoryError as e:
         raise UserError(str(e)) from e
     reader = ShardReader(folder)
@@ -84,8 +85,7 @@ def load_offloaded(folder: Path, device: torch.device, quant: int, offload: str,
         return reader.disk_layer(prefix, [n[len(prefix):] for n in present(prefix)], dtype)
 
     try:
-        offload_model(model, device, placement, dtype, progress=progress, fill=fill,
-                      read_packed=packed.read if packed else None, disk_layer=disk_layer)
+        return offload_model(model, device, placement, dtype, progress=progress, fill=fill,
+                             read_packed=packed.read if packed else None, disk_layer=disk_layer)
     finally:
         reader.close()
-    return model

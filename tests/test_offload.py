@@ -73,7 +73,7 @@ def test_offloaded_logits_equal_resident(model, tokenizer, quant, resident):
 
 def test_greedy_with_offloaded_4bit_target_equals_its_own_greedy(model, tokenizer, chat_ids):
     off = copy.deepcopy(model)
-    offload_model(off, CPU, plan_placement(off, CPU, 4, offload="always"))
+    offloaded = offload_model(off, CPU, plan_placement(off, CPU, 4, offload="always"))
     ids, stops = chat_ids("Name three planets."), stop_ids(tokenizer, model)
     reference = copy.deepcopy(model)
     for layer in reference.model.layers:
@@ -82,7 +82,7 @@ def test_greedy_with_offloaded_4bit_target_equals_its_own_greedy(model, tokenize
         ref = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     ref = ref[: next((i for i, t in enumerate(ref) if t in stops), len(ref))]
-    done = list(engine.generate(Target(off), NgramDrafter(), ids,
+    done = list(engine.generate(Target(off, offloaded=offloaded), NgramDrafter(), ids,
                                 DecodeSettings(budget=16, max_new_tokens=24), tokenizer, stops))[-1]
     assert done.token_ids == ref
 
@@ -137,9 +137,9 @@ def test_loading_layer_by_layer_gives_the_same_model(model, source, tokenizer, q
     if quant < 16:
         for layer in reference.model.layers:
             roundtrip(layer, quant, torch.float32)
-    loaded = load_offloaded(Path(source.path), CPU, quant, "always",
-                            parse_size(budget) if budget else None, 0, torch.float32)
-    placement = loaded._specexec_placement
+    offloaded = load_offloaded(Path(source.path), CPU, quant, "always",
+                               parse_size(budget) if budget else None, 0, torch.float32)
+    loaded, placement = offloaded.model, offloaded.placement
     assert placement.streamed_layers > 0
     assert (placement.resident_layers > 0) == (budget is not None)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied, held once
@@ -175,14 +175,14 @@ def test_layer_by_layer_loading_never_holds_the_model_whole(source):
 
     loader.offload_model = spy
     try:
-        model = load_offloaded(Path(source.path), CPU, 4, "always", None, 0, torch.float32,
-                               progress=progress)
+        offloaded = load_offloaded(Path(source.path), CPU, 4, "always", None, 0, torch.float32,
+                                   progress=progress)
     finally:
         loader.offload_model = original
     assert [d for d, _ in seen] == list(range(1, 31))
     assert all(unpacked == [] for _, unpacked in seen), seen
-    packed = sum(layer.nbytes for layer in model._specexec_streamer.layers)
-    fp32 = sum(p.numel() for p in model.model.layers[0].template.parameters()) * 4 * 30
+    packed = offloaded.streamed_bytes_per_pass
+    fp32 = sum(e.numel for e in offloaded.streamer.layers[0].entries) * 4 * 30
     assert packed < fp32 / 6
 
 
@@ -209,8 +209,8 @@ def test_a_packed_checkpoint_loads_without_quantizing(model, source, tokenizer, 
     want = logits_of(reference, prompt)
     for offload, budget in (("always", None), ("always", parse_size("300MB"))):
         loaded = load_offloaded(out, CPU, 16, offload, budget, 0, torch.float32)
-        assert loaded._specexec_placement.quant == 4
-        torch.testing.assert_close(logits_of(loaded, prompt), want, rtol=1e-4, atol=1e-4)
+        assert loaded.placement.quant == 4
+        torch.testing.assert_close(logits_of(loaded.model, prompt), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="packed in 4 bits; --quant 8"):
         load_offloaded(out, CPU, 8, "always", None, 0, torch.float32)
     layer_file = out / "layers" / "00007.bin"
@@ -245,8 +245,8 @@ def test_streaming_from_disk_reads_each_pass_and_computes_the_same(model, source
         save_packed(Path(source.path), folder, packed_bits, torch.float32)
         for layer in reference.model.layers:
             roundtrip(layer, packed_bits, torch.float32)
-    loaded = load_offloaded(folder, CPU, 16, "disk", None, 0, torch.float32)
-    placement, streamer = loaded._specexec_placement, loaded._specexec_streamer
+    offloaded = load_offloaded(folder, CPU, 16, "disk", None, 0, torch.float32)
+    loaded, placement, streamer = offloaded.model, offloaded.placement, offloaded.streamer
     assert placement.source == "disk" and placement.streamed_layers == 30
     assert all(isinstance(layer, DiskLayer) for layer in streamer.layers)
     assert streamer.chunk_readers is not None  # the layers are read in parallel chunks
@@ -270,7 +270,7 @@ def test_streaming_from_disk_reads_each_pass_and_computes_the_same(model, source
     with torch.no_grad():
         want = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                   max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
-    done = list(engine.generate(Target(loaded), NgramDrafter(), ids,
+    done = list(engine.generate(Target(loaded, offloaded=offloaded), NgramDrafter(), ids,
                                 DecodeSettings(budget=16, max_new_tokens=16), tokenizer, set()))[-1]
     assert done.token_ids == want
 
@@ -329,8 +329,8 @@ def test_placement_streams_from_disk_when_ram_is_short(model):
     assert roomy.streamed_layers > 0 and roomy.source == "ram"
     short = plan_placement(model, on_gpu, 16, "auto", gpu_memory=gib // 4, ram_free=2 * gib + 10**6)
     assert short.streamed_layers == roomy.streamed_layers and short.source == "disk"
-    with pytest.raises(MemoryError, match="specexec quantize"):
-        plan_placement(model, on_gpu, 4, "auto", gpu_memory=gib // 4, ram_free=2 * gib + 10**6,
+    with pytest.raises(MemoryError, match="specexec quantize"):  # (4-bit layers stay packed)
+        plan_placement(model, on_gpu, 4, "auto", gpu_memory=150 * 2**20, ram_free=2 * gib + 10**6,
                        can_stream_from_disk=False)
     whole = plan_placement(model, CPU, 16, "auto", ram_free=64 * gib)
     assert whole.streamed_layers == 0
