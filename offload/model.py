@@ -32,6 +32,7 @@ class Placement:
     context: int = 0        # the context and tree budget that `work_bytes` was sized for
     tree_budget: int = 0
     resident_layer_bytes: int = 0  # one resident layer: packed when quantized, else layer_bytes
+    weights: str = ""       # the checkpoint's own format when it comes packed ("GGUF Q4_K/Q6_K")
 
 
 class Workspace:
@@ -227,7 +228,8 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
                    dtype: torch.dtype | None = None, ram_free: int | None = None,
                    can_stream_from_disk: bool = True, context: int = 0,
                    tree_budget: int = 0,
-                   packed_layout: tuple[list[Entry], int] | None = None) -> Placement:
+                   packed_layout: tuple[list[Entry], int] | None = None,
+                   weights: str = "") -> Placement:
     """How many decoder layers stay resident within `gpu_memory` (default: the device's free
     memory), after the embeddings, norm and head, the target's KV cache and pass activations
     for a `context`-token conversation and `tree_budget`-node trees (`work_bytes`), `reserve`
@@ -299,7 +301,7 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
                           "checkpoint cannot stream from disk at these bits: save it with "
                           "`specexec quantize` (or use 16 bits from a safetensors folder)")
     return Placement(resident, streamed, quant, layer_bytes, packed, fixed, gpu_memory, source,
-                     work, context, tree_budget, kept)
+                     work, context, tree_budget, kept, weights)
 
 
 def offload_model(model, device: torch.device, placement: Placement,
@@ -403,5 +405,5 @@ def describe(p: Placement) -> str:
     work = (f"; {p.work_bytes / gib:.1f} GiB kept for the KV cache of {p.context} tokens and "
             f"{p.tree_budget}-node trees" if p.work_bytes else "")
     return (f"{p.resident_layers} resident + {p.streamed_layers} streamed layers{source}, "
-            f"{p.quant}-bit ({budget}{p.packed_layer_bytes / gib * 1024:.0f} MiB per streamed "
+            f"{p.weights or f'{p.quant}-bit'} ({budget}{p.packed_layer_bytes / gib * 1024:.0f} MiB per streamed "
             f"layer{work})")

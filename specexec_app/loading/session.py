@@ -94,9 +94,12 @@ def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: i
     if src.gguf_file:
         from offload.gguf import load_gguf
 
+        from specexec_app.loading.sources import gguf_meta_dir
+
+        meta = gguf_meta_dir(src, status)
         status(f"loading {src.name} layer by layer from GGUF")
-        loaded = load_gguf(Path(src.path) / src.gguf_file, dev, quant, offload, gpu_memory,
-                           reserve, dtype, progress, **work)
+        loaded = load_gguf(src.gguf_path, meta, dev, quant, offload, gpu_memory, reserve, dtype,
+                           progress, **work)
     else:
         check_checkpoint(Path(src.path))
         status(f"loading {src.name} layer by layer")
