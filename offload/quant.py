@@ -258,14 +258,14 @@ def _ranges(n: int, step: int) -> list[tuple[int, int]]:
 
 def dequant_4bit(parts, entry, out):
     """bitsandbytes 4-bit (NF4 or FP4): packed [numel / 2] uint8, the first value of a pair in
-    the high nibble; absmax per block of `blocksize` (float32, or itself 8-bit quantized: "nested",
-    with a 256-entry code, an absmax per 256 absmaxes and an offset). W = code[q] * absmax.
-    meta = (quant type, blocksize, nested); our own "nf4" entries: ("nf4", 64, False)."""
-    quant_type, blocksize, nested = entry.meta or ("nf4", 64, False)
+    the high nibble; absmax per block of `blocksize` (float32; or "nested": uint8 codes into a
+    256-entry table, scaled by a float32 absmax per 256 of them, plus an offset). W = code[q] *
+    absmax. meta = (quant type, blocksize, nested offset or None); ours: ("nf4", 64, None)."""
+    quant_type, blocksize, offset = entry.meta or ("nf4", 64, None)
     packed, absmax = parts[0].reshape(-1), parts[1].reshape(-1)
-    if nested:
-        code, absmax2, offset = parts[2], parts[3], parts[4]
-        absmax = _nested(code.float()[absmax.int()], absmax2, 256) + offset.float()
+    if offset is not None:
+        code, absmax2 = parts[2], parts[3]
+        absmax = _nested(code.float()[absmax.int()], absmax2, 256) + offset
     absmax = absmax.float()
     pairs = table(quant_type, packed.device)  # [256, 2]: one lookup per byte
     flat = out.view(-1)

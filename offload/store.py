@@ -175,7 +175,7 @@ def layout(shapes: list[tuple[str, tuple[int, ...]]], quant: int,
             placed.append((offset, nbytes, dt, tuple(sh)))
             offset += -(-nbytes // _ALIGN) * _ALIGN
         entries.append(Entry(name, tuple(shape), dtype, kind, tuple(placed),
-                             ("nf4", NF4_BLOCK, False) if kind == "nf4" else ()))
+                             ("nf4", NF4_BLOCK, None) if kind == "nf4" else ()))
     return entries, offset
 
 

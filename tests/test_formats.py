@@ -297,3 +297,148 @@ def test_the_shipped_gguf_streams_exact_and_greedy_specexec_equals_its_greedy(to
     done = list(engine.generate(Target(model, offloaded=offloaded), NgramDrafter(min_ngram=1), ids,
                                 DecodeSettings(budget=8, max_new_tokens=8), tokenizer, set()))[-1]
     assert done.token_ids == want
+
+
+# --- Hugging Face checkpoints saved quantized: bitsandbytes 4-bit, GPTQ, AWQ ---
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=512,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+TOKENS = list(range(10, 50))
+
+
+def tiny_logits(model):
+    return forward_tree(model, TokenCache(), TOKENS, tree_batch())
+
+
+def _offloaded(folder, offload="always", quant=16):
+    from offload.loader import load_offloaded
+
+    return load_offloaded(folder, CPU, quant, offload, None, 0, torch.float32)
+
+
+@pytest.mark.parametrize("quant_type, nested", [("nf4", True), ("fp4", False)])
+def test_a_bitsandbytes_4bit_checkpoint_streams_its_packed_weights(tmp_path, quant_type, nested):
+    """A `-bnb-4bit` checkpoint (made here by transformers + bitsandbytes on the CPU, saved with
+    save_pretrained) streams its packed weights and quant state as they are: each matrix
+    dequantizes bit-exact to bitsandbytes' own, and the logits are those of the model with the
+    weights bitsandbytes dequantizes, resident (bitsandbytes' own CPU matmul rounds otherwise)."""
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "fp32")
+    bnb = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp32", dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                               bnb_4bit_use_double_quant=nested,
+                                               bnb_4bit_compute_dtype=torch.float32)).eval()
+    bnb.save_pretrained(tmp_path / "bnb")
+    reference = tiny_llama()
+    for (name, module), (_, q) in zip(reference.named_modules(), bnb.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            module.weight.data = bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    for offload in ("always", "disk"):
+        offloaded = _offloaded(tmp_path / "bnb", offload)
+        assert offloaded.placement.weights == f"bnb {quant_type}"
+        layer = offloaded.model.model.layers[1]
+        ours = layer.template.mlp.down_proj if hasattr(layer, "template") else layer.mlp.down_proj
+        weight = bnb.model.layers[1].mlp.down_proj.weight
+        want = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        from offload.store import materialize
+
+        got = materialize(ours.entry, offloaded.streamer.layers[1].buffer) if offload == "always" \
+            else None
+        if got is not None:
+            assert torch.equal(got, want)
+        torch.testing.assert_close(tiny_logits(offloaded.model), tiny_logits(reference),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match=r"already quantized \(bnb .*\); --quant 4 does not apply"):
+        _offloaded(tmp_path / "bnb", quant=4)
+
+
+def _pack_rows(q: torch.Tensor) -> torch.Tensor:
+    """[8 k, n] values 0..15 -> [k, n] int32, value 8 r + j in bits 4 j of word r."""
+    q = q.to(torch.int64).view(-1, 8, q.shape[1])
+    words = sum(q[:, j] << (4 * j) for j in range(8))
+    return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32))
+
+
+def _pack_cols(q: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
+    """[n, 8 k] values -> [n, k] int32: bits 4 p of word c hold column 8 c + order[p]."""
+    q = q.to(torch.int64).view(q.shape[0], -1, 8)
+    words = sum(q[:, :, order[p]] << (4 * p) for p in range(8))
+    return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32))
+
+
+def write_int4(folder, method: str, group: int = 32):
+    """A tiny Llama whose Linear weights are GPTQ (act-order g_idx, asymmetric zeros stored minus
+    one, as auto-gptq v1 writes them) or AWQ GEMM (AWQ's nibble order) tensors built from known
+    integers; returns the same model with the weights the format's formula gives, dense."""
+    from safetensors.torch import save_file
+
+    model = tiny_llama(1)
+    gen = torch.Generator().manual_seed(2)
+    tensors = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        out_f, in_f = module.weight.shape
+        groups = in_f // group
+        q = torch.randint(0, 16, (out_f, in_f), generator=gen)
+        z = torch.randint(1, 16, (groups, out_f), generator=gen)
+        s = (torch.rand(groups, out_f, generator=gen) * 0.02 + 0.001).half()
+        if method == "gptq":
+            g_idx = (torch.randperm(in_f, generator=gen) // group).int()  # act-order
+            w = (q - z[g_idx.long()].t()).float() * s.float()[g_idx.long()].t()
+            tensors.update({f"{name}.qweight": _pack_rows(q.t()), f"{name}.g_idx": g_idx,
+                            f"{name}.qzeros": _pack_cols(z - 1), f"{name}.scales": s})
+        else:
+            g = torch.arange(in_f) // group
+            w = (q - z[g].t()).float() * s.float()[g].t()
+            order = (0, 2, 4, 6, 1, 3, 5, 7)
+            tensors.update({f"{name}.qweight": _pack_cols(q.t(), order),
+                            f"{name}.qzeros": _pack_cols(z, order), f"{name}.scales": s})
+        module.weight.data = w
+    tensors.update({k: v.contiguous() for k, v in model.state_dict().items()
+                    if not any(k == f"{n}.weight" for n, m in model.named_modules()
+                               if isinstance(m, torch.nn.Linear) and n != "lm_head")})
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = (
+        {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True, "sym": False,
+         "checkpoint_format": "gptq"} if method == "gptq" else
+        {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptq_and_awq_checkpoints_stream_packed_and_follow_the_formula(tmp_path, method):
+    """GPTQ (act-order, asymmetric, v1 zeros) and AWQ (GEMM) checkpoints written from known
+    integers load (no optimum/auto-gptq/autoawq), stream qweight/qzeros/scales as they are, from
+    RAM or disk, and compute the model whose weights are the format's formula; another layout is
+    a one-line error naming it."""
+    want_model = write_int4(tmp_path / method, method)
+    want = tiny_logits(want_model)
+    for offload in ("always", "disk"):
+        offloaded = _offloaded(tmp_path / method, offload)
+        assert offloaded.placement.weights == f"{method.upper()} 4-bit"
+        entries = offloaded.streamer.layers[0].entries
+        assert {e.kind for e in entries if e.name.endswith("proj.weight")} == {method}
+        torch.testing.assert_close(tiny_logits(offloaded.model), want, rtol=1e-5, atol=1e-5)
+    config = json.loads((tmp_path / method / "config.json").read_text())
+    config["quantization_config"].update(bits=3) if method == "gptq" else \
+        config["quantization_config"].update(version="gemv")
+    (tmp_path / method / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="not supported \\(supported: bitsandbytes 4-bit"):
+        _offloaded(tmp_path / method)
