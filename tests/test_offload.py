@@ -337,3 +337,82 @@ def test_placement_streams_from_disk_when_ram_is_short(model):
     laptop = plan_placement(model, CPU, 16, "auto", ram_free=2 * gib + 300 * 2**20)
     assert 0 < laptop.resident_layers < 30 and laptop.source == "disk"
     assert plan_placement(model, CPU, 16, "disk", ram_free=64 * gib).source == "disk"
+
+
+def small_llama(layers: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=layers, vocab_size=512,
+                      max_position_embeddings=512, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("quant", [16, 8, 4])
+def test_the_plan_counts_the_packed_bytes_and_the_dequant_workspace(quant):
+    """What the plan says a streamed layer takes is what its buffer takes, byte for byte (the
+    bytes pinned on a GPU machine); the dequant workspace is counted in `work_bytes`; resident
+    quantized layers stay packed (no dense weight kept)."""
+    from offload.model import PackedLinear, dequant_bytes, work_bytes
+    from offload.quant import scratch_bytes
+
+    model = small_llama()
+    placement = plan_placement(model, CPU, quant, "always", context=64, tree_budget=8)
+    placement = placement.__class__(**{**placement.__dict__, "resident_layers": 1, "streamed_layers": 2})
+    offloaded = offload_model(model, CPU, placement)
+    assert [layer.nbytes for layer in offloaded.streamer.layers] == [placement.packed_layer_bytes] * 2
+    assert offloaded.pinned_bytes == 0  # a CPU computes: nothing to pin
+    entries = offloaded.streamer.layers[0].entries
+    biggest = max(e.numel for e in entries if len(e.shape) == 2)
+    assert placement.work_bytes == work_bytes(model.config, 8, 64, torch.float32) + \
+        dequant_bytes(entries, torch.float32)
+    if quant == 16:
+        assert offloaded.workspace is None and dequant_bytes(entries, torch.float32) == 0
+        return
+    assert offloaded.workspace.nbytes == biggest * 4  # one matrix, not a layer
+    assert dequant_bytes(entries, torch.float32) == biggest * 4 + scratch_bytes(biggest)
+    resident = offloaded.model.model.layers[0]
+    assert isinstance(resident.mlp.down_proj, PackedLinear)
+    assert placement.resident_layer_bytes == placement.packed_layer_bytes
+    assert not any(p.dim() == 2 for p in resident.parameters())
+
+
+def test_a_streamed_tree_pass_makes_no_host_round_trip_in_its_layers():
+    """Under a counter of the ops that would make the host wait for a CUDA device (item,
+    nonzero, device-to-host copies, tensors built from Python data), a tree pass through
+    streamed 4-bit and 8-bit layers, resident packed layers and per-matrix dequant counts none
+    inside the decoder layers; the counter itself sees an `.item()` placed in a layer."""
+    from offload.roundtrips import RoundTrips
+
+    for quant in (4, 8):
+        model = small_llama()
+        placement = plan_placement(model, CPU, quant, "always")
+        placement = placement.__class__(**{**placement.__dict__, "resident_layers": 1,
+                                           "streamed_layers": 2})
+        offload_model(model, CPU, placement)
+        logits_of(model, list(range(10, 30)))  # warm: lazy tables and caches
+        with RoundTrips(model) as trips:
+            logits_of(model, list(range(10, 30)))
+        assert trips.total_inside == 0, trips.inside
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda m, a, k: None if a[0].sum().item() else None, with_kwargs=True)
+    with RoundTrips(model) as trips:
+        logits_of(model, list(range(10, 30)))
+    hook.remove()
+    assert trips.inside == {"item": 1}
+
+
+def test_on_a_cpu_auto_4bit_keeps_packed_layers_in_ram_before_refusing():
+    """A Llama-3-70B with --quant 4 on a CPU machine with 51.1 GiB free (issue 17): `auto` keeps
+    every layer packed in RAM (was: float32 layers first, then no room for the rest)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(cfg)
+    p = plan_placement(meta, CPU, 4, "auto", ram_free=int(51.1 * 2**30), context=4096,
+                       tree_budget=64, dtype=torch.float32)
+    assert p.resident_layers == 80 and p.streamed_layers == 0
+    assert p.fixed_bytes + 80 * p.resident_layer_bytes + p.work_bytes < 51.1 * 2**30 - 2 * 2**30
