@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -82,13 +82,56 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot, workspace = self._refs
         e = self.entry
-        w = materialize(e, slot.buffer, workspace.take(e.shape)) if e.needs_workspace() \
-            else _view(slot.buffer, e.parts[0])
         b = None if self.bias_entry is None else _loose(self.bias_entry, slot.buffer)
-        return F.linear(x, w, b)
+        if not e.needs_workspace():
+            return F.linear(x, _view(slot.buffer, e.parts[0]), b)
+        if e.numel <= workspace.numel:
+            return F.linear(x, materialize(e, slot.buffer, workspace.take(e.shape)), b)
+        # Larger than the workspace (a GGUF head: vocabulary x hidden): by blocks of rows.
+        rows = workspace.numel // e.shape[1]
+        out = x.new_empty(*x.shape[:-1], e.shape[0])
+        for r0 in range(0, e.shape[0], rows):
+            part = row_slice(e, r0, min(e.shape[0], r0 + rows))
+            w = materialize(part, slot.buffer, workspace.take(part.shape))
+            out[..., r0:r0 + part.shape[0]] = F.linear(x, w, None if b is None else b[r0:r0 + part.shape[0]])
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.entry.kind} {self.entry.meta} {tuple(self.entry.shape)}"
+
+
+def row_slice(e: Entry, r0: int, r1: int) -> Entry:
+    """Rows r0..r1 of a matrix whose rows are stored one after the other (raw, GGUF blocks)."""
+    if e.kind not in ("raw", "gguf") or (e.meta and e.meta[1]):
+        raise ValueError(f"rows of a {e.kind} entry cannot be taken apart")
+    off, nbytes, dtype, shape = e.parts[0]
+    row = nbytes // e.shape[0]
+    part_shape = (r1 - r0, *shape[1:]) if e.kind == "raw" else ((r1 - r0) * row,)
+    return replace(e, shape=(r1 - r0, e.shape[1]),
+                   parts=((off + r0 * row, (r1 - r0) * row, dtype, part_shape),))
+
+
+class PackedEmbedding(nn.Module):
+    """Stands in for an nn.Embedding whose table stays packed (GGUF blocks, one row after the
+    other): dequantizes only the rows of the ids looked up ([..., hidden])."""
+
+    def __init__(self, entry: Entry, slot: Slot):
+        super().__init__()
+        self.entry, self.num_embeddings, self.embedding_dim = entry, *entry.shape
+        self._refs = [slot]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        (slot,) = self._refs
+        e = self.entry
+        off, nbytes, stored, _ = e.parts[0]
+        if e.kind == "raw":
+            table = slot.buffer[off:off + nbytes].view(stored).view(e.shape)
+            return table.index_select(0, ids.reshape(-1)).to(e.dtype).view(*ids.shape, e.shape[1])
+        table = slot.buffer[off:off + nbytes].view(e.shape[0], -1)
+        rows = table.index_select(0, ids.reshape(-1))
+        n = rows.shape[0]
+        picked = replace(e, shape=(n, e.shape[1]), parts=((0, rows.numel(), torch.uint8, (rows.numel(),)),))
+        return materialize(picked, rows.reshape(-1)).view(*ids.shape, e.shape[1])
 
 
 def _loose(e: Entry, buffer: torch.Tensor) -> torch.Tensor:
@@ -229,7 +272,7 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
                    can_stream_from_disk: bool = True, context: int = 0,
                    tree_budget: int = 0,
                    packed_layout: tuple[list[Entry], int] | None = None,
-                   weights: str = "") -> Placement:
+                   weights: str = "", fixed_bytes: int | None = None) -> Placement:
     """How many decoder layers stay resident within `gpu_memory` (default: the device's free
     memory), after the embeddings, norm and head, the target's KV cache and pass activations
     for a `context`-token conversation and `tree_budget`-node trees (`work_bytes`), `reserve`
@@ -252,7 +295,7 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
     entries, packed = packed_layout
     comes_packed = quant < 16 or any(e.needs_workspace() for e in entries)
     kept = packed if comes_packed else layer_bytes  # a resident layer's bytes
-    fixed = _bytes(model, dtype) - layer_bytes * n
+    fixed = _bytes(model, dtype) - layer_bytes * n if fixed_bytes is None else fixed_bytes
     if context:
         context = min(context, model_context(model.config))
     work = work_bytes(model.config, tree_budget, context, dtype) + dequant_bytes(entries, dtype)
@@ -309,7 +352,8 @@ def offload_model(model, device: torch.device, placement: Placement,
                   progress: Callable[[int, int], None] | None = None,
                   fill: Callable[[str | None], None] | None = None,
                   read_packed: Callable[[int, bool], PackedLayer] | None = None,
-                  disk_layer: Callable[[int], DiskLayer] | None = None) -> Offloaded:
+                  disk_layer: Callable[[int], DiskLayer] | None = None,
+                  workspace: Workspace | None = None) -> Offloaded:
     """Rebuild `model` in place: the first `placement.resident_layers` decoder layers and
     everything outside them move to `device`; the rest are packed into host buffers and streamed.
     Quantized layers stay packed, resident ones too: their nn.Linear modules become PackedLinear,
@@ -324,15 +368,16 @@ def offload_model(model, device: torch.device, placement: Placement,
     pin)` (a checkpoint that comes packed: `specexec quantize`, GGUF, bitsandbytes, GPTQ, AWQ)
     layer i comes already packed, and is streamed or kept resident as it is. When
     `placement.source` is "disk", `disk_layer(i)` says where streamed layer i lies on disk; it is
-    not read now (its parameters stay on the meta device) but on every pass. Returns the
-    `Offloaded` model: placement, streamer (None when nothing streams) and workspace."""
+    not read now (its parameters stay on the meta device) but on every pass. `workspace` is
+    given when modules outside the layers share it (a packed head). Returns the `Offloaded`
+    model: placement, streamer (None when nothing streams) and workspace."""
     dtype = dtype or model.dtype
     layers = _layers(model)
     first = placement.resident_layers
     if placement.source == "disk" and disk_layer is None:
         raise ValueError("streaming from disk needs disk_layer")
     prepare(device)  # lookup tables on the device now, not during a pass
-    workspace = Workspace(device, dtype)
+    workspace = workspace or Workspace(device, dtype)
     packed, streamed_slots = [], []
     for i in range(len(layers)):
         layer_packed = None
@@ -378,8 +423,10 @@ def offload_model(model, device: torch.device, placement: Placement,
         for bname, b in list(module._buffers.items()):
             if b is not None and b.device.type != "meta":
                 module._buffers[bname] = b.to(device)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, nn.Linear) \
+            and isinstance(embed, nn.Embedding):
+        head.weight = embed.weight
     return Offloaded(model, placement, streamer, workspace if workspace.buffer is not None else None)
 
 
