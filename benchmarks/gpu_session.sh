@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh tests      # the CUDA tests (tests/test_gpu.py), ~1 min
 #   bash benchmarks/gpu_session.sh offload    # issue 3: streaming from RAM vs accelerate
 #   bash benchmarks/gpu_session.sh disk       # issue 3: streaming from disk (the staging ring)
+#   bash benchmarks/gpu_session.sh gguf       # issue 17: Q4_K_M dequant against the PCIe copy
 # Results (text and JSON) go to $OUT (the device tool's folder), else ./gpu-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,9 @@ case "${1:-tests}" in
     disk)
         python3 benchmarks/offload_bench.py --shape llama-2-70b --layers 4 --sizes 1 \
             --skip-accelerate --disk /tmp/specexec-disk --out "$OUT" 2>&1 | tee "$OUT/disk_bench.txt" ;;
+    gguf)
+        python3 benchmarks/gguf_bench.py --layers 2 --device cuda --dir /tmp/gguf-bench \
+            --out "$OUT/gguf_bench.json" 2>&1 | tee "$OUT/gguf_bench.txt" ;;
     *)
-        echo "usage: $0 tests|offload|disk" >&2; exit 2 ;;
+        echo "usage: $0 tests|offload|disk|gguf" >&2; exit 2 ;;
 esac

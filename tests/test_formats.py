@@ -451,3 +451,26 @@ def test_gptq_and_awq_checkpoints_stream_packed_and_follow_the_formula(tmp_path,
     (tmp_path / method / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="not supported \\(supported: bitsandbytes 4-bit"):
         _offloaded(tmp_path / method)
+
+
+def test_parameters_are_counted_from_the_checkpoint_whatever_its_format(tmp_path, tiny_gguf):
+    """The profile and the draft sizing count a GGUF model's parameters from its header (was 0),
+    and a bitsandbytes or GPTQ checkpoint's as the model has them (not its packed bytes)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from specexec_app.loading.checkpoint import count_params
+
+    path, _ = tiny_gguf
+    embed = VOCAB * HIDDEN
+    layer = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * HIDDEN // HEADS * KV_HEADS + 3 * HIDDEN * INTER + 2 * HIDDEN
+    assert count_params(path.parent, path.name) == embed + LAYERS * layer + HIDDEN
+    model = tiny_llama()
+    want = sum(p.numel() for p in model.parameters())
+    write_int4(tmp_path / "gptq", "gptq")
+    assert count_params(tmp_path / "gptq") == want
+    model.save_pretrained(tmp_path / "fp32")
+    AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp32", dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True)
+    ).save_pretrained(tmp_path / "bnb")
+    assert count_params(tmp_path / "bnb") == want

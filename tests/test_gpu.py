@@ -174,3 +174,27 @@ def test_greedy_with_a_streamed_target_equals_its_own_greedy(tiny, drafter_on, o
     assert done.token_ids == want
     if drafter_on != "ngram":
         assert done.stats.accepted_per_pass > 1.5  # draft nodes were accepted: the walk ran
+
+
+@pytest.mark.parametrize("offload", ["always", "disk"])
+def test_a_gguf_target_streams_its_blocks_on_the_device(tmp_path, offload, monkeypatch):
+    """A GGUF file (K-quants and legacy blocks mixed) streamed to the device and dequantized
+    there per matrix computes the model transformers dequantizes on the CPU; no host round trip
+    inside the layers (on a GPU: nothing makes the host wait during the layer loop)."""
+    from offload.gguf import load_gguf
+    from offload.roundtrips import RoundTrips
+    from specexec_app.loading.hf import load_model
+    from specexec_app.loading.sources import ModelSource, gguf_meta_dir
+    from test_formats import write_gguf
+
+    monkeypatch.setenv("SPECEXEC_HOME", str(tmp_path / "home"))
+    write_gguf(tmp_path / "tiny.gguf")
+    src = ModelSource("tiny", str(tmp_path), "tiny.gguf")
+    want = logits_of(load_model(src, torch.device("cpu")))
+    off = load_gguf(src.gguf_path, gguf_meta_dir(src), DEVICE, 16, offload, 2**34, 0, torch.float32)
+    assert off.placement.streamed_layers >= 1  # (and the others resident, packed)
+    logits_of(off.model)
+    with RoundTrips(off.model) as trips:
+        got = logits_of(off.model)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    assert trips.total_inside == 0, trips.inside
