@@ -6,12 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from specexec_app.core.lm import PREFILL_CHUNK, model_context
-
-import torch.nn.functional as F
 
 from .quant import prepare, scratch_bytes
 from .store import DiskLayer, Entry, PackedLayer, _view, layout, materialize, pack_layer
@@ -23,12 +22,13 @@ class Placement:
     resident_layers: int
     streamed_layers: int
     quant: int
-    layer_bytes: int        # one layer in 16-bit, as it sits on the device when resident
+    layer_bytes: int        # one layer dense in the compute dtype
     packed_layer_bytes: int  # one layer as it crosses the bus
     fixed_bytes: int        # embeddings, final norm, LM head
     budget_bytes: int | None
     source: str = "ram"     # where streamed layers live between passes: "ram" or "disk"
-    work_bytes: int = 0     # kept for the KV cache and a pass's activations (see `work_bytes`)
+    work_bytes: int = 0     # kept for the KV cache, a pass's activations (`work_bytes`) and
+                            # the dequant workspace (`dequant_bytes`)
     context: int = 0        # the context and tree budget that `work_bytes` was sized for
     tree_budget: int = 0
     resident_layer_bytes: int = 0  # one resident layer: packed when quantized, else layer_bytes

@@ -256,7 +256,7 @@ def test_an_ollama_store_resolves_name_and_tag_and_blobs_load(tmp_path, tiny_ggu
     the GGUF metadata once and cached."""
     import hashlib
 
-    from specexec_app.loading.sources import gguf_meta_dir, resolve
+    from specexec_app.loading.sources import gguf_meta_dir, list_ollama, resolve
 
     path, _ = tiny_gguf
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -272,6 +272,7 @@ def test_an_ollama_store_resolves_name_and_tag_and_blobs_load(tmp_path, tiny_ggu
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
     src = resolve("tiny:q4")
     assert src.gguf_path == blob
+    assert list_ollama() == [("tiny:q4", blob)]
     assert resolve(str(blob)).gguf_path == blob
     with pytest.raises(UserError, match="model not found: tiny:q8"):
         resolve("tiny:q8")

@@ -145,6 +145,24 @@ def _ollama(spec: str) -> Path | None:
     return blob
 
 
+def list_ollama() -> list[tuple[str, Path]]:
+    """The models of the local Ollama store: (`name:tag`, its GGUF blob), for `specexec models`
+    (library models by their short name); manifests without a model layer are left out."""
+    root = ollama_models() / "manifests"
+    found = []
+    for manifest in sorted(root.glob("*/*/*/*")) if root.is_dir() else []:
+        host, namespace, name, tag = manifest.relative_to(root).parts
+        spec = f"{name}:{tag}" if (host, namespace) == ("registry.ollama.ai", "library") else \
+            f"{namespace}/{name}:{tag}"
+        try:
+            blob = _ollama(spec)
+        except UserError:
+            continue
+        if blob:
+            found.append((spec, blob))
+    return found
+
+
 def _gguf_source(spec: str, path: Path) -> ModelSource:
     """A GGUF file: the first part when it is one of a split model (each part must be there)."""
     from offload.gguf import split_parts
