@@ -128,7 +128,9 @@ def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
         if int(getattr(err, "value", err)) != 0:
             raise MemoryError(f"cannot pin {nbytes / 2**30:.2f} GiB of host memory (CUDA error "
                               f"{int(getattr(err, 'value', err))})")
-        weakref.finalize(buffer.untyped_storage(), cudart.cudaHostUnregister, ptr)
+        # Unregistered when the returned tensor goes (its holder, a PackedLayer or the staging
+        # ring, keeps it for as long as views of it are used).
+        weakref.finalize(buffer, cudart.cudaHostUnregister, ptr)
     return buffer
 
 
