@@ -187,10 +187,9 @@ def test_layer_by_layer_loading_never_holds_the_model_whole(source):
 
 
 def test_a_packed_checkpoint_loads_without_quantizing(model, source, tokenizer, tmp_path):
-    """`specexec quantize` writes the packed layers; loading them (streamed, or decoded resident)
-    gives the model that quantizing on load gives, and a damaged layer file is named."""
-    from pathlib import Path
-
+    """`specexec quantize` writes the packed layers; loading them (streamed, or resident and
+    still packed) gives the model that quantizing on load gives, and a damaged layer file is
+    named."""
     from typer.testing import CliRunner
 
     from offload.loader import load_offloaded
