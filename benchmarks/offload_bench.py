@@ -108,7 +108,7 @@ def main() -> None:
                                    dtype=dtype, context=32, tree_budget=max(sizes))
         placement = placement.__class__(**{**placement.__dict__, "resident_layers": 0,
                                            "streamed_layers": args.layers})
-        planned = placement.fixed_bytes + 2 * placement.packed_layer_bytes + placement.work_bytes
+        planned = placement.device_bytes
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         offloaded = offload_model(model, device, placement, dtype=dtype)

@@ -33,6 +33,16 @@ class Placement:
     tree_budget: int = 0
     resident_layer_bytes: int = 0  # one resident layer: packed when quantized, else layer_bytes
     weights: str = ""       # the checkpoint's own format when it comes packed ("GGUF Q4_K/Q6_K")
+    n_buffers: int = 2      # device buffers of streamed layers
+
+    @property
+    def device_bytes(self) -> int:
+        """All the plan gives the compute device: embeddings, norm and head, resident layers,
+        the streaming buffers, and `work_bytes` (KV cache, a pass's activations, logits, the
+        dequant workspace)."""
+        buffers = self.n_buffers * self.packed_layer_bytes if self.streamed_layers else 0
+        return self.fixed_bytes + self.resident_layers * self.resident_layer_bytes + buffers \
+            + self.work_bytes
 
 
 class Workspace:
@@ -344,7 +354,7 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
                           "checkpoint cannot stream from disk at these bits: save it with "
                           "`specexec quantize` (or use 16 bits from a safetensors folder)")
     return Placement(resident, streamed, quant, layer_bytes, packed, fixed, gpu_memory, source,
-                     work, context, tree_budget, kept, weights)
+                     work, context, tree_budget, kept, weights, n_buffers)
 
 
 def offload_model(model, device: torch.device, placement: Placement,

@@ -361,6 +361,8 @@ def test_the_plan_counts_the_packed_bytes_and_the_dequant_workspace(quant):
     placement = placement.__class__(**{**placement.__dict__, "resident_layers": 1, "streamed_layers": 2})
     offloaded = offload_model(model, CPU, placement)
     assert [layer.nbytes for layer in offloaded.streamer.layers] == [placement.packed_layer_bytes] * 2
+    assert placement.device_bytes == placement.fixed_bytes + placement.resident_layer_bytes + \
+        2 * placement.packed_layer_bytes + placement.work_bytes
     assert offloaded.pinned_bytes == 0  # a CPU computes: nothing to pin
     entries = offloaded.streamer.layers[0].entries
     biggest = max(e.numel for e in entries if len(e.shape) == 2)
