@@ -31,6 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from offload import offload_model, plan_placement
 from offload.loader import load_offloaded
 from offload.model import describe
+from offload.roundtrips import RoundTrips
 from offload.packed import save_packed
 from offload.store import disk_readers
 from specexec_app.core.kvcache import TokenCache
@@ -100,17 +101,32 @@ def main() -> None:
         print(f"host->device: pinned {result['h2d_pinned_GBps']:.1f} GB/s, pageable "
               f"{result['h2d_pageable_GBps']:.1f} GB/s", flush=True)
 
-    for quant in (16, 4):
+    for quant in (16, 8, 4):
         model, real_layers = build(args.shape, args.layers, dtype)
         # Planned for the 32-token prompt of time_pass and the largest tree.
         placement = plan_placement(model, device, quant, offload="always", gpu_memory=None,
                                    dtype=dtype, context=32, tree_budget=max(sizes))
         placement = placement.__class__(**{**placement.__dict__, "resident_layers": 0,
                                            "streamed_layers": args.layers})
-        planned = placement.fixed_bytes + 2 * placement.packed_layer_bytes + placement.work_bytes
+        planned = placement.device_bytes
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        streamer = offload_model(model, device, placement, dtype=dtype)
+        offloaded = offload_model(model, device, placement, dtype=dtype)
+        streamer = offloaded.streamer
+        time_pass(model, min(sizes), device, 1)  # warm: lookup tables, allocator
+        with RoundTrips(model) as trips:  # one pass: a 32-token prompt and a chain
+            forward_tree(model, TokenCache(), list(range(10, 42)), chain([100 + i for i in range(8)]))
+        bus = dict(bytes_per_pass=offloaded.streamed_bytes_per_pass,
+                   planned_bytes_per_pass=placement.streamed_layers * placement.packed_layer_bytes,
+                   pinned_bytes=offloaded.pinned_bytes, workspace_bytes=
+                   offloaded.workspace.nbytes if offloaded.workspace else 0,
+                   round_trips_in_layers=trips.total_inside, round_trips_per_pass=trips.total)
+        print(f"ours {quant:>2}-bit: {bus['bytes_per_pass'] / 2**30:.3f} GiB cross per pass "
+              f"(plan {bus['planned_bytes_per_pass'] / 2**30:.3f}), pinned "
+              f"{bus['pinned_bytes'] / 2**30:.3f} GiB, dequant workspace "
+              f"{bus['workspace_bytes'] / 2**20:.0f} MiB, host round trips per pass "
+              f"{bus['round_trips_per_pass']} ({bus['round_trips_in_layers']} in the layers: "
+              f"{dict(trips.inside)}; outside: {dict(trips.outside)})", flush=True)
         rows = []
         for n in sizes:
             before = streamer.bytes_streamed
@@ -127,13 +143,13 @@ def main() -> None:
                   f"{per_layer * real_layers:6.2f} s/pass at {real_layers} layers"
                   + (f", {row['GBps']:.1f} GB/s" if row["GBps"] else ""), flush=True)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        result[f"ours_{quant}bit"] = dict(placement=describe(placement), rows=rows,
+        result[f"ours_{quant}bit"] = dict(placement=describe(placement), rows=rows, **bus,
                                           peak_gpu_bytes=peak, planned_gpu_bytes=planned,
                                           rss_bytes=psutil.Process().memory_info().rss)
         if peak is not None:
             print(f"ours {quant:>2}-bit GPU memory: peak {peak / 2**30:.2f} GiB, placement planned "
                   f"{planned / 2**30:.2f} GiB ({'within' if peak <= planned else 'OVER'})", flush=True)
-        del model, streamer
+        del model, streamer, offloaded
 
     if not args.skip_accelerate and device.type == "cuda":
         from accelerate import dispatch_model
@@ -174,18 +190,23 @@ def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> 
     print(f"writing {plain} and {packed}", flush=True)
     model.save_pretrained(plain, safe_serialization=True)
     save_packed(plain, packed, 4, dtype)
-    p16 = plan_placement(model, device, 16, offload="disk", gpu_memory=None, dtype=dtype)
+    plans = {quant: plan_placement(model, device, quant, offload="disk", gpu_memory=1 << 50,
+                                   dtype=dtype) for quant in (16, 4)}
     del model
     os.sync()  # written pages are clean: they can be dropped from the page cache
     for quant, folder in ((16, plain), (4, packed)):
         peak, cold = disk_read_gb_s(folder / "layers" if quant == 4 else folder,
                                     disk_readers(device), limit=8 * 2**30)
-        # A budget that keeps no decoder layer resident: all of them stream from the files.
-        budget = p16.fixed_bytes + 2**30 + 3 * p16.packed_layer_bytes if device.type == "cuda" else None
+        # A budget that keeps no decoder layer resident (a resident 4-bit layer stays packed, so
+        # the budget is below one packed layer beyond the buffers): all of them stream.
+        p = plans[quant]
+        budget = p.fixed_bytes + p.work_bytes + 2**28 + 2 * p.packed_layer_bytes \
+            + p.resident_layer_bytes // 2 if device.type == "cuda" else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        loaded = load_offloaded(folder, device, 16, "disk", budget, 0, dtype)
-        streamer, placement = loaded._specexec_streamer, loaded._specexec_placement
+        offloaded = load_offloaded(folder, device, 16, "disk", budget, 0, dtype)
+        loaded, streamer, placement = offloaded.model, offloaded.streamer, offloaded.placement
+        assert placement.resident_layers == 0, describe(placement)  # every layer is read
         rows = []
         for n in [int(x) for x in args.disk_sizes.split(",")]:
             before = streamer.bytes_streamed
@@ -200,7 +221,7 @@ def bench_disk(args, device: torch.device, dtype: torch.dtype, result: dict) -> 
             placement=describe(placement), disk_read_GBps=peak, cold=cold, rows=rows,
             peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             rss_bytes=psutil.Process().memory_info().rss)
-        del loaded, streamer
+        del loaded, streamer, offloaded
 
 
 if __name__ == "__main__":

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from specexec_app.core.lm import PREFILL_CHUNK, model_context
 
-from .store import DiskLayer, PackedLayer, pack_layer, roundtrip, unpack
+from .quant import prepare, scratch_bytes
+from .store import DiskLayer, Entry, PackedLayer, _view, layout, materialize, pack_layer
 from .streamer import LayerStreamer
 
 
@@ -20,25 +22,169 @@ class Placement:
     resident_layers: int
     streamed_layers: int
     quant: int
-    layer_bytes: int        # one layer in 16-bit, as it sits on the device when resident
+    layer_bytes: int        # one layer dense in the compute dtype
     packed_layer_bytes: int  # one layer as it crosses the bus
     fixed_bytes: int        # embeddings, final norm, LM head
     budget_bytes: int | None
     source: str = "ram"     # where streamed layers live between passes: "ram" or "disk"
-    work_bytes: int = 0     # kept for the KV cache and a pass's activations (see `work_bytes`)
+    work_bytes: int = 0     # kept for the KV cache, a pass's activations (`work_bytes`) and
+                            # the dequant workspace (`dequant_bytes`)
     context: int = 0        # the context and tree budget that `work_bytes` was sized for
     tree_budget: int = 0
+    resident_layer_bytes: int = 0  # one resident layer: packed when quantized, else layer_bytes
+    weights: str = ""       # the checkpoint's own format when it comes packed ("GGUF Q4_K/Q6_K")
+    n_buffers: int = 2      # device buffers of streamed layers
+
+    @property
+    def device_bytes(self) -> int:
+        """All the plan gives the compute device: embeddings, norm and head, resident layers,
+        the streaming buffers, and `work_bytes` (KV cache, a pass's activations, logits, the
+        dequant workspace)."""
+        buffers = self.n_buffers * self.packed_layer_bytes if self.streamed_layers else 0
+        return self.fixed_bytes + self.resident_layers * self.resident_layer_bytes + buffers \
+            + self.work_bytes
+
+
+class Workspace:
+    """The one buffer that packed matrices are dequantized into, just before their matmul, reused
+    by every matrix of every layer (kernels on one stream run in order, so a matrix is consumed
+    before the next is written); sized once, for the largest matrix, and counted in the plan."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype, self.numel = device, dtype, 0
+        self.buffer: torch.Tensor | None = None
+
+    def reserve(self, numel: int) -> None:
+        self.numel = max(self.numel, numel)
+
+    def allocate(self) -> None:
+        if self.numel:
+            self.buffer = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.finfo(self.dtype).bits // 8
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        return self.buffer[:n].view(shape)
+
+
+class Slot:
+    """Where a layer's packed bytes are now: its own device buffer when resident, the streamer's
+    buffer for the layer while it computes when streamed."""
+    buffer: torch.Tensor | None = None
+
+
+class PackedLinear(nn.Module):
+    """Stands in for an nn.Linear whose weight stays packed (quantized, or in the checkpoint's
+    dtype): dequantizes it into the shared `Workspace` ([out, in]) just before F.linear, or uses
+    it in place when it is already in the compute dtype."""
+
+    def __init__(self, weight: Entry, bias: Entry | None, slot: Slot, workspace: Workspace):
+        super().__init__()
+        self.entry, self.bias_entry = weight, bias
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._refs = [slot, workspace]  # a list, so nn.Module does not register them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot, workspace = self._refs
+        e = self.entry
+        b = None if self.bias_entry is None else _loose(self.bias_entry, slot.buffer)
+        if not e.needs_workspace():
+            return F.linear(x, _view(slot.buffer, e.parts[0]), b)
+        if e.numel <= workspace.numel:
+            return F.linear(x, materialize(e, slot.buffer, workspace.take(e.shape)), b)
+        # Larger than the workspace (a GGUF head: vocabulary x hidden): by blocks of rows.
+        rows = workspace.numel // e.shape[1]
+        out = x.new_empty(*x.shape[:-1], e.shape[0])
+        for r0 in range(0, e.shape[0], rows):
+            part = row_slice(e, r0, min(e.shape[0], r0 + rows))
+            w = materialize(part, slot.buffer, workspace.take(part.shape))
+            out[..., r0:r0 + part.shape[0]] = F.linear(x, w, None if b is None else b[r0:r0 + part.shape[0]])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.entry.kind} {self.entry.meta} {tuple(self.entry.shape)}"
+
+
+def row_slice(e: Entry, r0: int, r1: int) -> Entry:
+    """Rows r0..r1 of a matrix whose rows are stored one after the other (raw, GGUF blocks)."""
+    if e.kind not in ("raw", "gguf") or (e.meta and e.meta[1]):
+        raise ValueError(f"rows of a {e.kind} entry cannot be taken apart")
+    off, nbytes, dtype, shape = e.parts[0]
+    row = nbytes // e.shape[0]
+    part_shape = (r1 - r0, *shape[1:]) if e.kind == "raw" else ((r1 - r0) * row,)
+    return replace(e, shape=(r1 - r0, e.shape[1]),
+                   parts=((off + r0 * row, (r1 - r0) * row, dtype, part_shape),))
+
+
+class PackedEmbedding(nn.Module):
+    """Stands in for an nn.Embedding whose table stays packed (GGUF blocks, one row after the
+    other): dequantizes only the rows of the ids looked up ([..., hidden])."""
+
+    def __init__(self, entry: Entry, slot: Slot):
+        super().__init__()
+        self.entry, self.num_embeddings, self.embedding_dim = entry, *entry.shape
+        self._refs = [slot]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        (slot,) = self._refs
+        e = self.entry
+        off, nbytes, stored, _ = e.parts[0]
+        if e.kind == "raw":
+            table = slot.buffer[off:off + nbytes].view(stored).view(e.shape)
+            return table.index_select(0, ids.reshape(-1)).to(e.dtype).view(*ids.shape, e.shape[1])
+        table = slot.buffer[off:off + nbytes].view(e.shape[0], -1)
+        rows = table.index_select(0, ids.reshape(-1))
+        n = rows.shape[0]
+        picked = replace(e, shape=(n, e.shape[1]), parts=((0, rows.numel(), torch.uint8, (rows.numel(),)),))
+        return materialize(picked, rows.reshape(-1)).view(*ids.shape, e.shape[1])
+
+
+def _loose(e: Entry, buffer: torch.Tensor) -> torch.Tensor:
+    """A small tensor of the layer (a norm's weight, a bias): a view, cast if need be."""
+    if e.kind == "raw":
+        t = _view(buffer, e.parts[0])
+        return t if t.dtype == e.dtype else t.to(e.dtype)
+    return materialize(e, buffer)
+
+
+def _install(layer: nn.Module, entries: list[Entry], slot: Slot, workspace: Workspace,
+             packed_only: bool = False) -> list[Entry]:
+    """Replace `layer`'s nn.Linear modules by PackedLinear reading `entries` from `slot` (with
+    `packed_only`, only those whose weight is not raw in the compute dtype); return the entries
+    left to the caller (norms, and the Linear weights kept as they are)."""
+    by_name = {e.name: e for e in entries}
+    used = set()
+    for name, module in list(layer.named_modules()):
+        if not isinstance(module, nn.Linear) or f"{name}.weight" not in by_name:
+            continue
+        weight, bias = by_name[f"{name}.weight"], by_name.get(f"{name}.bias")
+        if packed_only and not weight.needs_workspace():
+            continue
+        if weight.needs_workspace():
+            workspace.reserve(weight.numel)
+        parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+        setattr(parent, name.rpartition(".")[2], PackedLinear(weight, bias, slot, workspace))
+        used |= {weight.name} | ({bias.name} if bias else set())
+    return [e for e in entries if e.name not in used]
 
 
 class StreamedLayer(nn.Module):
-    """Stands in for a decoder layer whose weights live in the streamer: runs the original layer
-    module (weights on the meta device) with the streamed tensors, through functional_call."""
+    """Stands in for a decoder layer whose weights live in the streamer: its Linear modules are
+    PackedLinear reading the streamer's buffer for the layer; its other parameters (norms) are
+    views of that buffer, given to the original layer module (weights on the meta device)
+    through functional_call."""
 
-    def __init__(self, template: nn.Module, index: int, streamer: LayerStreamer):
+    def __init__(self, template: nn.Module, index: int, streamer: LayerStreamer, slot: Slot,
+                 loose: list[Entry]):
         super().__init__()
         self.template = template
         self.index = index
-        self._streamer = [streamer]  # a list, so nn.Module does not register it
+        self._refs = [streamer, slot, loose]  # a list, so nn.Module does not register them
 
     def __getattr__(self, name):
         try:
@@ -47,12 +193,33 @@ class StreamedLayer(nn.Module):
             return getattr(super().__getattr__("template"), name)
 
     def forward(self, *args, **kwargs):
-        streamer = self._streamer[0]
-        params = streamer.acquire(self.index)
+        streamer, slot, loose = self._refs
+        slot.buffer = streamer.acquire(self.index)
         try:
+            params = {e.name: _loose(e, slot.buffer) for e in loose}
             return functional_call(self.template, params, args, kwargs)
         finally:
+            slot.buffer = None
             streamer.release(self.index)
+
+
+@dataclass
+class Offloaded:
+    """A model placed by `offload_model`: which layers stream and from where (`placement`), the
+    streamer that moves them (None when none streams), the dequant workspace."""
+    model: nn.Module
+    placement: Placement
+    streamer: LayerStreamer | None = None
+    workspace: Workspace | None = None
+
+    @property
+    def streamed_bytes_per_pass(self) -> int:
+        """Bytes that cross to the device in one pass: every streamed layer, once."""
+        return sum(layer.nbytes for layer in self.streamer.layers) if self.streamer else 0
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.streamer.pinned_bytes if self.streamer else 0
 
 
 def _layers(model) -> nn.ModuleList:
@@ -63,16 +230,13 @@ def _bytes(module: nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in module.parameters()) * torch.finfo(dtype).bits // 8
 
 
-def _packed_bytes(layer: nn.Module, quant: int, dtype: torch.dtype) -> int:
-    if quant == 16:
-        return _bytes(layer, dtype)
-    total = 0
-    for name, p in layer.named_parameters():
-        if p.dim() == 2 and name.endswith("weight"):
-            total += p.numel() // 2 + p.numel() // 64 * 4 if quant == 4 else p.numel() + p.shape[0] * 4
-        else:
-            total += p.numel() * torch.finfo(dtype).bits // 8
-    return total
+def dequant_bytes(entries: list[Entry], dtype: torch.dtype) -> int:
+    """Device memory that per-matrix dequantization takes: the workspace (the largest matrix that
+    needs it, in `dtype`) and the temporaries of one dequant."""
+    numel = max((e.numel for e in entries if len(e.shape) == 2 and e.needs_workspace()), default=0)
+    if not numel:
+        return 0
+    return numel * torch.finfo(dtype).bits // 8 + scratch_bytes(numel)
 
 
 RAM_MARGIN = 2 * 2**30  # host RAM left to the OS and the draft
@@ -116,23 +280,35 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
                    gpu_memory: int | None = None, reserve: int = 0, n_buffers: int = 2,
                    dtype: torch.dtype | None = None, ram_free: int | None = None,
                    can_stream_from_disk: bool = True, context: int = 0,
-                   tree_budget: int = 0) -> Placement:
+                   tree_budget: int = 0,
+                   packed_layout: tuple[list[Entry], int] | None = None,
+                   weights: str = "", fixed_bytes: int | None = None) -> Placement:
     """How many decoder layers stay resident within `gpu_memory` (default: the device's free
     memory), after the embeddings, norm and head, the target's KV cache and pass activations
     for a `context`-token conversation and `tree_budget`-node trees (`work_bytes`), `reserve`
     bytes (the draft, its cache) and the streaming buffers; and where the streamed ones live: in
     host RAM, or (`offload="disk"`, or "auto" when they do not fit `ram_free`) on disk, read on
     every pass. On a CPU the device is the host: "auto" keeps what fits RAM and streams the rest
-    from disk; the KV cache and activations are then the host's to hold."""
+    from disk; the KV cache and activations are then the host's to hold.
+
+    A layer's packed bytes are exact: `layout` of its parameters at `quant` bits, or
+    `packed_layout` (entries, the largest layer's bytes) for a checkpoint that comes packed
+    (`specexec quantize`, GGUF, bitsandbytes, GPTQ, AWQ). Quantized resident layers stay packed,
+    so they cost their packed bytes; the dequant workspace counts in `work_bytes`."""
     dtype = dtype or model.dtype
     layers = _layers(model)
     n = len(layers)
     layer_bytes = _bytes(layers[0], dtype)
-    packed = _packed_bytes(layers[0], quant, dtype)
-    fixed = _bytes(model, dtype) - layer_bytes * n
+    if packed_layout is None:
+        packed_layout = layout([(k, tuple(p.shape)) for k, p in layers[0].named_parameters()],
+                               quant, dtype)
+    entries, packed = packed_layout
+    comes_packed = quant < 16 or any(e.needs_workspace() for e in entries)
+    kept = packed if comes_packed else layer_bytes  # a resident layer's bytes
+    fixed = _bytes(model, dtype) - layer_bytes * n if fixed_bytes is None else fixed_bytes
     if context:
         context = min(context, model_context(model.config))
-    work = work_bytes(model.config, tree_budget, context, dtype)
+    work = work_bytes(model.config, tree_budget, context, dtype) + dequant_bytes(entries, dtype)
     if ram_free is None:
         import psutil
 
@@ -145,10 +321,10 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
     elif gpu_memory is None:  # CPU compute: the layers "resident" are those held in RAM
         if offload in ("always", "disk"):
             resident = 0
-        elif fixed + n * layer_bytes <= ram_room:
+        elif fixed + n * kept <= ram_room:
             resident = n
         else:
-            resident = max(0, min(n - 1, (ram_room - fixed - n_buffers * packed) // layer_bytes))
+            resident = max(0, min(n - 1, (ram_room - fixed - n_buffers * packed) // kept))
     else:
         reserve += work
         room = gpu_memory - fixed - reserve - n_buffers * packed
@@ -158,12 +334,12 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
                     "(--context, --budget)" if work else " and reserve")
             raise MemoryError(f"the GPU memory budget ({gpu_memory / 2**30:.1f} GiB) is below the "
                               f"{need:.1f} GiB that embeddings, head, buffers{what} need")
-        resident = n if fixed + reserve + n * layer_bytes <= gpu_memory else min(n, room // layer_bytes)
+        resident = n if fixed + reserve + n * kept <= gpu_memory else min(n, room // kept)
         if offload in ("always", "disk"):
             resident = min(resident, n - 1)
     resident = max(0, min(n, int(resident)))
     streamed = n - resident
-    in_ram = fixed + resident * layer_bytes if device.type == "cpu" else 0  # the host's own share
+    in_ram = fixed + resident * kept if device.type == "cpu" else 0  # the host's own share
     source = "ram"
     if offload == "disk" or (offload == "auto" and streamed and
                              in_ram + streamed * packed > ram_room):
@@ -178,7 +354,7 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
                           "checkpoint cannot stream from disk at these bits: save it with "
                           "`specexec quantize` (or use 16 bits from a safetensors folder)")
     return Placement(resident, streamed, quant, layer_bytes, packed, fixed, gpu_memory, source,
-                     work, context, tree_budget)
+                     work, context, tree_budget, kept, weights, n_buffers)
 
 
 def offload_model(model, device: torch.device, placement: Placement,
@@ -186,80 +362,97 @@ def offload_model(model, device: torch.device, placement: Placement,
                   progress: Callable[[int, int], None] | None = None,
                   fill: Callable[[str | None], None] | None = None,
                   read_packed: Callable[[int, bool], PackedLayer] | None = None,
-                  disk_layer: Callable[[int], DiskLayer] | None = None):
+                  disk_layer: Callable[[int], DiskLayer] | None = None,
+                  workspace: Workspace | None = None) -> Offloaded:
     """Rebuild `model` in place: the first `placement.resident_layers` decoder layers and
     everything outside them move to `device`; the rest are packed into host buffers and streamed.
-    With quantization, resident layers get the same decoded weights, so the whole model computes
-    one function. `progress(done, total)` is called per decoder layer placed.
+    Quantized layers stay packed, resident ones too: their nn.Linear modules become PackedLinear,
+    which dequantize one matrix at a time into a shared workspace just before its matmul, so
+    resident and streamed layers compute one function. `progress(done, total)` is called per
+    decoder layer placed.
 
     The model is either loaded on the CPU, or (`fill` given) on the meta device: then
     `fill(prefix)` reads the weights under `prefix` ("model.layers.3.") into CPU memory just
     before that layer is placed, and `fill(None)` everything outside the decoder layers; one
     layer at a time is held unpacked, so the model is never held twice. With `read_packed(i,
-    pin)` (a pre-quantized checkpoint) layer i comes already packed: streamed as it is, or
-    decoded onto the device when resident. When `placement.source` is "disk", `disk_layer(i)`
-    says where streamed layer i lies on disk; it is not read now (its parameters stay on the meta
-    device) but on every pass. Returns the streamer (None when nothing streams)."""
+    pin)` (a checkpoint that comes packed: `specexec quantize`, GGUF, bitsandbytes, GPTQ, AWQ)
+    layer i comes already packed, and is streamed or kept resident as it is. When
+    `placement.source` is "disk", `disk_layer(i)` says where streamed layer i lies on disk; it is
+    not read now (its parameters stay on the meta device) but on every pass. `workspace` is
+    given when modules outside the layers share it (a packed head). Returns the `Offloaded`
+    model: placement, streamer (None when nothing streams) and workspace."""
     dtype = dtype or model.dtype
     layers = _layers(model)
     first = placement.resident_layers
     if placement.source == "disk" and disk_layer is None:
         raise ValueError("streaming from disk needs disk_layer")
-    packed = []
+    prepare(device)  # lookup tables on the device now, not during a pass
+    workspace = workspace or Workspace(device, dtype)
+    packed, streamed_slots = [], []
     for i in range(len(layers)):
+        layer_packed = None
         if i >= first and placement.source == "disk":
-            packed.append(disk_layer(i))
-            layers[i].to_empty(device="meta")
-            if progress:
-                progress(i + 1, len(layers))
-            continue
-        if read_packed:
+            layer_packed = disk_layer(i)
+        elif read_packed:
             layer_packed = read_packed(i, i >= first and device.type == "cuda")
-            if i >= first:
-                packed.append(layer_packed)
-            else:
-                from accelerate.utils import set_module_tensor_to_device
-
-                for name, t in unpack(layer_packed.entries, layer_packed.buffer).items():
-                    set_module_tensor_to_device(layers[i], name, device, value=t.clone())
-            if progress:
-                progress(i + 1, len(layers))
-            continue
-        if fill:
-            fill(f"model.layers.{i}.")
-        if i < first:
-            if placement.quant < 16:
-                roundtrip(layers[i], placement.quant, dtype)
-            layers[i].to(device, dtype)  # now, so that resident layers never pile up on the host
         else:
-            packed.append(pack_layer(layers[i], placement.quant, dtype, pin=device.type == "cuda"))
-            for module in layers[i].modules():  # free the host copy as we go
-                for name, p in list(module._parameters.items()):
-                    if p is not None:
-                        module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
-                                                                requires_grad=False)
+            if fill:
+                fill(f"model.layers.{i}.")
+            if i < first and placement.quant == 16:
+                layers[i].to(device, dtype)  # now, so that resident layers never pile up on the host
+            else:
+                layer_packed = pack_layer(layers[i], placement.quant, dtype,
+                                          pin=i >= first and device.type == "cuda")
+        if layer_packed is not None:
+            _free(layers[i])
+            slot = Slot()
+            if i < first:  # resident, packed: its buffer moves to the device once
+                slot.buffer = layer_packed.buffer.to(device)
+                loose = _install(layers[i], layer_packed.entries, slot, workspace, packed_only=True)
+                for e in loose:
+                    _set_param(layers[i], e.name, materialize(e, slot.buffer).clone())
+            else:
+                loose = _install(layers[i], layer_packed.entries, slot, workspace)
+                packed.append(layer_packed)
+                streamed_slots.append((i, slot, loose))
         if progress:
             progress(i + 1, len(layers))
     if fill:
         fill(None)
+    workspace.allocate()
     streamer = LayerStreamer(packed, device, n_buffers) if packed else None
-    for k, i in enumerate(range(first, len(layers))):
-        layers[i] = StreamedLayer(layers[i], k, streamer)
+    for k, (i, slot, loose) in enumerate(streamed_slots):
+        layers[i] = StreamedLayer(layers[i], k, streamer, slot, loose)
     # Everything else (embeddings, norm, head, rotary tables) to the device.
     for name, module in model.named_modules():
         if isinstance(module, StreamedLayer):
             continue
         for pname, p in list(module._parameters.items()):
-            if p is not None and p.device.type != "meta":
+            if p is not None and p.device.type != "meta" and (p.device != device or p.dtype != dtype):
                 module._parameters[pname] = nn.Parameter(p.data.to(device, dtype), requires_grad=False)
         for bname, b in list(module._buffers.items()):
             if b is not None and b.device.type != "meta":
                 module._buffers[bname] = b.to(device)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    model._specexec_streamer = streamer
-    model._specexec_placement = placement
-    return streamer
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, nn.Linear) \
+            and isinstance(embed, nn.Embedding):
+        head.weight = embed.weight
+    return Offloaded(model, placement, streamer, workspace if workspace.buffer is not None else None)
+
+
+def _free(layer: nn.Module) -> None:
+    """Drop the host copy of a layer's parameters (they are packed now): meta tensors remain."""
+    for module in layer.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                        requires_grad=False)
+
+
+def _set_param(layer: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = layer.get_submodule(owner) if owner else layer
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
 def describe(p: Placement) -> str:
@@ -269,5 +462,5 @@ def describe(p: Placement) -> str:
     work = (f"; {p.work_bytes / gib:.1f} GiB kept for the KV cache of {p.context} tokens and "
             f"{p.tree_budget}-node trees" if p.work_bytes else "")
     return (f"{p.resident_layers} resident + {p.streamed_layers} streamed layers{source}, "
-            f"{p.quant}-bit ({budget}{p.packed_layer_bytes / gib * 1024:.0f} MiB per streamed "
+            f"{p.weights or f'{p.quant}-bit'} ({budget}{p.packed_layer_bytes / gib * 1024:.0f} MiB per streamed "
             f"layer{work})")

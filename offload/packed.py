@@ -19,7 +19,7 @@ import torch
 from specexec_app.errors import UserError
 
 from .shards import ShardReader
-from .store import DiskLayer, Entry, PackedLayer, pack_layer
+from .store import DiskLayer, Entry, PackedLayer, host_buffer, pack_layer
 
 META_FILE = "specexec_packed.json"
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -33,12 +33,14 @@ def is_packed(folder: str | Path) -> bool:
 
 def _entry_json(e: Entry) -> dict:
     return {"name": e.name, "shape": list(e.shape), "dtype": _DTYPE_NAMES[e.dtype], "kind": e.kind,
-            "parts": [[off, nb, _DTYPE_NAMES[dt], list(sh)] for off, nb, dt, sh in e.parts]}
+            "parts": [[off, nb, _DTYPE_NAMES[dt], list(sh)] for off, nb, dt, sh in e.parts],
+            "meta": list(e.meta)}
 
 
 def _entry(d: dict) -> Entry:
     return Entry(d["name"], tuple(d["shape"]), _NAMED[d["dtype"]], d["kind"],
-                 tuple((off, nb, _NAMED[dt], tuple(sh)) for off, nb, dt, sh in d["parts"]))
+                 tuple((off, nb, _NAMED[dt], tuple(sh)) for off, nb, dt, sh in d["parts"]),
+                 tuple(d.get("meta", ())))
 
 
 def save_packed(src: Path, out: Path, quant: int, dtype: torch.dtype,
@@ -116,12 +118,16 @@ class PackedReader:
                 what = "is missing" if size < 0 else f"holds {size} of {nbytes} bytes"
                 raise UserError(f"{path} {what}; quantize the model again")
 
+    def layout(self) -> tuple[list[Entry], int]:
+        """The first layer's entries and the largest layer's bytes (for `plan_placement`)."""
+        return self.layers[0][1], max(nbytes for nbytes, _ in self.layers)
+
     def _path(self, i: int) -> Path:
         return self.folder / "layers" / f"{i:05d}.bin"
 
     def read(self, i: int, pin: bool = False) -> PackedLayer:
         layer = self.disk_layer(i)
-        buffer = torch.empty(layer.nbytes, dtype=torch.uint8, pin_memory=pin)
+        buffer = host_buffer(layer.nbytes, pin)
         layer.read_into(buffer)
         return PackedLayer(buffer, layer.entries)
 

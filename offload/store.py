@@ -1,8 +1,10 @@
 """Weights of one decoder layer as a single contiguous host buffer, in 16, 8 or 4 bits.
 
 Quantized weights stay packed in the buffer (what crosses the bus) and are dequantized on the
-compute device: 8-bit as int8 with a float32 scale per output row, 4-bit as bitsandbytes NF4
-(blocks of 64 with a float32 absmax each), so 4-bit moves about a quarter of the 16-bit bytes.
+compute device, one matrix at a time just before its matmul (`offload.model.PackedLinear`, with
+the dequantizers of `offload.quant`): 8-bit as int8 with a float32 scale per output row, 4-bit as
+NF4 (blocks of 64 with a float32 absmax each), so 4-bit moves about a quarter of the 16-bit bytes.
+Checkpoints that come quantized (GGUF, bitsandbytes, GPTQ, AWQ) give entries of their own kinds.
 """
 
 from __future__ import annotations
@@ -23,12 +25,26 @@ READ_CHUNK = 16 << 20  # bytes per read of a layer on disk
 
 @dataclass(frozen=True)
 class Entry:
-    """One tensor of the layer, as `kind` ("raw", "int8" or "nf4") parts at byte offsets."""
+    """One tensor of the layer, as `kind` parts at byte offsets: "raw" (the tensor itself, cast to
+    `dtype` on use), "int8", "nf4" (ours), or a checkpoint's own ("gguf", "bnb4", "gptq", "awq";
+    see `offload.quant.DEQUANTIZERS`), whose parameters (block type, group size...) are `meta`."""
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype             # dtype of the dequantized tensor
     kind: str
     parts: tuple[tuple[int, int, torch.dtype, tuple[int, ...]], ...]  # (offset, nbytes, dtype, shape)
+    meta: tuple = ()
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def needs_workspace(self) -> bool:
+        """Whether using it computes a new tensor (dequantized, or cast) rather than a view."""
+        return self.kind != "raw" or self.parts[0][2] != self.dtype
 
 
 @dataclass
@@ -97,6 +113,27 @@ def read_fully(fd: int, path: str, offset: int, view) -> None:
         done += got
 
 
+def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
+    """[nbytes] uint8 in host RAM. Pinned (for copies a CUDA device reads at full speed) by
+    registering the pages of an ordinary allocation with CUDA, not through `pin_memory=True`,
+    whose caching allocator rounds every buffer up to a power of two (a 1.71 GB layer took
+    2 GiB): the pinned bytes are the bytes asked for."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    if pin and nbytes:
+        import weakref
+
+        cudart = torch.cuda.cudart()
+        ptr = buffer.data_ptr()
+        err = cudart.cudaHostRegister(ptr, nbytes, 0)
+        if int(getattr(err, "value", err)) != 0:
+            raise MemoryError(f"cannot pin {nbytes / 2**30:.2f} GiB of host memory (CUDA error "
+                              f"{int(getattr(err, 'value', err))})")
+        # Unregistered when the returned tensor goes (its holder, a PackedLayer or the staging
+        # ring, keeps it for as long as views of it are used).
+        weakref.finalize(buffer, cudart.cudaHostUnregister, ptr)
+    return buffer
+
+
 def _parts(t: torch.Tensor, quant: int, name: str) -> tuple[str, list[torch.Tensor]]:
     is_matrix = t.dim() == 2 and name.endswith("weight")
     if quant == 8 and is_matrix:
@@ -112,28 +149,51 @@ def _parts(t: torch.Tensor, quant: int, name: str) -> tuple[str, list[torch.Tens
     return "raw", [t]
 
 
+def is_quantized_matrix(shape: tuple[int, ...], quant: int, name: str) -> bool:
+    return quant < 16 and len(shape) == 2 and name.endswith("weight") and \
+        (quant == 8 or (shape[0] * shape[1]) % NF4_BLOCK == 0)
+
+
+def layout(shapes: list[tuple[str, tuple[int, ...]]], quant: int,
+           dtype: torch.dtype) -> tuple[list[Entry], int]:
+    """Where each parameter (name, shape) of a layer goes in its packed buffer at `quant` bits,
+    and the buffer's size: what `pack_layer` will build, known before anything is read."""
+    entries, offset = [], 0
+    size = torch.finfo(dtype).bits // 8
+    for name, shape in shapes:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if is_quantized_matrix(shape, quant, name):
+            if quant == 8:
+                kind, parts = "int8", [(numel, torch.int8, shape), (shape[0] * 4, torch.float32, (shape[0], 1))]
+            else:
+                kind, parts = "nf4", [(numel // 2, torch.uint8, (numel // 2,)),
+                                      (numel // NF4_BLOCK * 4, torch.float32, (numel // NF4_BLOCK,))]
+        else:
+            kind, parts = "raw", [(numel * size, dtype, shape)]
+        placed = []
+        for nbytes, dt, sh in parts:
+            placed.append((offset, nbytes, dt, tuple(sh)))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        entries.append(Entry(name, tuple(shape), dtype, kind, tuple(placed),
+                             ("nf4", NF4_BLOCK, None) if kind == "nf4" else ()))
+    return entries, offset
+
+
 def pack_layer(layer: nn.Module, quant: int = 16, dtype: torch.dtype = torch.float16,
                pin: bool = False) -> PackedLayer:
-    """Pack every parameter of `layer` (cast to `dtype`, then quantized if `quant` < 16)."""
+    """Pack every parameter of `layer` (cast to `dtype`, then quantized if `quant` < 16) into one
+    buffer laid out by `layout`."""
     if quant not in (16, 8, 4):
         raise ValueError(f"quant must be 16, 8 or 4, not {quant}")
-    plan, offset = [], 0
-    for name, p in layer.named_parameters():
-        kind, parts = _parts(p.detach().to(dtype), quant, name)
-        placed = []
-        for part in parts:
-            part = part.contiguous()
-            nbytes = part.numel() * part.element_size()
-            placed.append((offset, nbytes, part.dtype, tuple(part.shape), part))
-            offset += -(-nbytes // _ALIGN) * _ALIGN
-        plan.append((name, tuple(p.shape), kind, placed))
-    buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=pin)
-    entries = []
-    for name, shape, kind, placed in plan:
-        for off, nbytes, _, _, part in placed:
-            buffer[off:off + nbytes].copy_(part.reshape(-1).view(torch.uint8))
-        entries.append(Entry(name, shape, dtype, kind,
-                             tuple((off, nb, dt, sh) for off, nb, dt, sh, _ in placed)))
+    params = [(name, p) for name, p in layer.named_parameters()]
+    entries, nbytes = layout([(n, tuple(p.shape)) for n, p in params], quant, dtype)
+    buffer = host_buffer(nbytes, pin)
+    for (name, p), e in zip(params, entries):
+        _, parts = _parts(p.detach().to(dtype), quant, name) if e.kind != "raw" else ("raw", [p.detach().to(dtype)])
+        for (off, nb, _, _), part in zip(e.parts, parts):
+            buffer[off:off + nb].copy_(part.contiguous().reshape(-1).view(torch.uint8))
     return PackedLayer(buffer, entries)
 
 
@@ -143,35 +203,32 @@ def _view(buffer: torch.Tensor, part) -> torch.Tensor:
 
 
 def unpack(entries: list[Entry], buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The layer's parameters from a buffer laid out like `entries` (host or device): raw tensors
-    are views; quantized ones are dequantized on the buffer's device."""
-    out = {}
-    for e in entries:
-        parts = [_view(buffer, p) for p in e.parts]
-        if e.kind == "raw":  # a layer read from disk keeps the checkpoint's dtype: cast here
-            out[e.name] = parts[0] if parts[0].dtype == e.dtype else parts[0].to(e.dtype)
-        elif e.kind == "int8":
-            q, scale = parts
-            out[e.name] = (q.to(e.dtype) * scale.to(e.dtype))
-        else:
-            out[e.name] = dequantize_nf4(parts[0], parts[1], e.shape, e.dtype)
+    """The layer's parameters from a buffer laid out like `entries` (host or device), each a new
+    tensor (raw ones too): the whole layer dequantized at once, for a resident copy or a check;
+    a pass dequantizes one matrix at a time instead (`offload.model.PackedLinear`)."""
+    return {e.name: materialize(e, buffer) for e in entries}
+
+
+def entry_parts(e: Entry, buffer: torch.Tensor) -> list[torch.Tensor]:
+    return [_view(buffer, p) for p in e.parts]
+
+
+def materialize(e: Entry, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Entry `e` of `buffer` as a tensor of `e.shape` in `e.dtype`, on the buffer's device:
+    dequantized (or cast) into `out` when given, else into a new tensor."""
+    from .quant import DEQUANTIZERS
+
+    if out is None:
+        out = torch.empty(e.shape, dtype=e.dtype, device=buffer.device)
+    DEQUANTIZERS[e.kind](entry_parts(e, buffer), e, out)
     return out
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
-
-    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), blocksize=NF4_BLOCK,
-                            code=bnbf.get_4bit_type("nf4", device=packed.device),
-                            quant_type="nf4", dtype=dtype)
-    return bnbf.dequantize_4bit(packed.view(-1, 1), state)
-
-
 def roundtrip(layer: nn.Module, quant: int, dtype: torch.dtype) -> None:
-    """Give `layer` the exact weights its packed form decodes to (resident layers then compute
-    the same function as streamed ones)."""
+    """Give `layer` the exact weights its packed form decodes to (a resident reference that
+    computes the same function as the packed layers)."""
     packed = pack_layer(layer, quant, dtype)
     params = unpack(packed.entries, packed.buffer)
     with torch.no_grad():
         for name, p in layer.named_parameters():
-            p.data = params[name].clone()
+            p.data = params[name]

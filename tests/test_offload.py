@@ -73,7 +73,7 @@ def test_offloaded_logits_equal_resident(model, tokenizer, quant, resident):
 
 def test_greedy_with_offloaded_4bit_target_equals_its_own_greedy(model, tokenizer, chat_ids):
     off = copy.deepcopy(model)
-    offload_model(off, CPU, plan_placement(off, CPU, 4, offload="always"))
+    offloaded = offload_model(off, CPU, plan_placement(off, CPU, 4, offload="always"))
     ids, stops = chat_ids("Name three planets."), stop_ids(tokenizer, model)
     reference = copy.deepcopy(model)
     for layer in reference.model.layers:
@@ -82,7 +82,7 @@ def test_greedy_with_offloaded_4bit_target_equals_its_own_greedy(model, tokenize
         ref = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     ref = ref[: next((i for i, t in enumerate(ref) if t in stops), len(ref))]
-    done = list(engine.generate(Target(off), NgramDrafter(), ids,
+    done = list(engine.generate(Target(off, offloaded=offloaded), NgramDrafter(), ids,
                                 DecodeSettings(budget=16, max_new_tokens=24), tokenizer, stops))[-1]
     assert done.token_ids == ref
 
@@ -137,9 +137,9 @@ def test_loading_layer_by_layer_gives_the_same_model(model, source, tokenizer, q
     if quant < 16:
         for layer in reference.model.layers:
             roundtrip(layer, quant, torch.float32)
-    loaded = load_offloaded(Path(source.path), CPU, quant, "always",
-                            parse_size(budget) if budget else None, 0, torch.float32)
-    placement = loaded._specexec_placement
+    offloaded = load_offloaded(Path(source.path), CPU, quant, "always",
+                               parse_size(budget) if budget else None, 0, torch.float32)
+    loaded, placement = offloaded.model, offloaded.placement
     assert placement.streamed_layers > 0
     assert (placement.resident_layers > 0) == (budget is not None)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied, held once
@@ -175,22 +175,21 @@ def test_layer_by_layer_loading_never_holds_the_model_whole(source):
 
     loader.offload_model = spy
     try:
-        model = load_offloaded(Path(source.path), CPU, 4, "always", None, 0, torch.float32,
-                               progress=progress)
+        offloaded = load_offloaded(Path(source.path), CPU, 4, "always", None, 0, torch.float32,
+                                   progress=progress)
     finally:
         loader.offload_model = original
     assert [d for d, _ in seen] == list(range(1, 31))
     assert all(unpacked == [] for _, unpacked in seen), seen
-    packed = sum(layer.nbytes for layer in model._specexec_streamer.layers)
-    fp32 = sum(p.numel() for p in model.model.layers[0].template.parameters()) * 4 * 30
+    packed = offloaded.streamed_bytes_per_pass
+    fp32 = sum(e.numel for e in offloaded.streamer.layers[0].entries) * 4 * 30
     assert packed < fp32 / 6
 
 
 def test_a_packed_checkpoint_loads_without_quantizing(model, source, tokenizer, tmp_path):
-    """`specexec quantize` writes the packed layers; loading them (streamed, or decoded resident)
-    gives the model that quantizing on load gives, and a damaged layer file is named."""
-    from pathlib import Path
-
+    """`specexec quantize` writes the packed layers; loading them (streamed, or resident and
+    still packed) gives the model that quantizing on load gives, and a damaged layer file is
+    named."""
     from typer.testing import CliRunner
 
     from offload.loader import load_offloaded
@@ -209,8 +208,8 @@ def test_a_packed_checkpoint_loads_without_quantizing(model, source, tokenizer, 
     want = logits_of(reference, prompt)
     for offload, budget in (("always", None), ("always", parse_size("300MB"))):
         loaded = load_offloaded(out, CPU, 16, offload, budget, 0, torch.float32)
-        assert loaded._specexec_placement.quant == 4
-        torch.testing.assert_close(logits_of(loaded, prompt), want, rtol=1e-4, atol=1e-4)
+        assert loaded.placement.quant == 4
+        torch.testing.assert_close(logits_of(loaded.model, prompt), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="packed in 4 bits; --quant 8"):
         load_offloaded(out, CPU, 8, "always", None, 0, torch.float32)
     layer_file = out / "layers" / "00007.bin"
@@ -245,8 +244,8 @@ def test_streaming_from_disk_reads_each_pass_and_computes_the_same(model, source
         save_packed(Path(source.path), folder, packed_bits, torch.float32)
         for layer in reference.model.layers:
             roundtrip(layer, packed_bits, torch.float32)
-    loaded = load_offloaded(folder, CPU, 16, "disk", None, 0, torch.float32)
-    placement, streamer = loaded._specexec_placement, loaded._specexec_streamer
+    offloaded = load_offloaded(folder, CPU, 16, "disk", None, 0, torch.float32)
+    loaded, placement, streamer = offloaded.model, offloaded.placement, offloaded.streamer
     assert placement.source == "disk" and placement.streamed_layers == 30
     assert all(isinstance(layer, DiskLayer) for layer in streamer.layers)
     assert streamer.chunk_readers is not None  # the layers are read in parallel chunks
@@ -270,7 +269,7 @@ def test_streaming_from_disk_reads_each_pass_and_computes_the_same(model, source
     with torch.no_grad():
         want = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                   max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
-    done = list(engine.generate(Target(loaded), NgramDrafter(), ids,
+    done = list(engine.generate(Target(loaded, offloaded=offloaded), NgramDrafter(), ids,
                                 DecodeSettings(budget=16, max_new_tokens=16), tokenizer, set()))[-1]
     assert done.token_ids == want
 
@@ -329,11 +328,92 @@ def test_placement_streams_from_disk_when_ram_is_short(model):
     assert roomy.streamed_layers > 0 and roomy.source == "ram"
     short = plan_placement(model, on_gpu, 16, "auto", gpu_memory=gib // 4, ram_free=2 * gib + 10**6)
     assert short.streamed_layers == roomy.streamed_layers and short.source == "disk"
-    with pytest.raises(MemoryError, match="specexec quantize"):
-        plan_placement(model, on_gpu, 4, "auto", gpu_memory=gib // 4, ram_free=2 * gib + 10**6,
+    with pytest.raises(MemoryError, match="specexec quantize"):  # (4-bit layers stay packed)
+        plan_placement(model, on_gpu, 4, "auto", gpu_memory=150 * 2**20, ram_free=2 * gib + 10**6,
                        can_stream_from_disk=False)
     whole = plan_placement(model, CPU, 16, "auto", ram_free=64 * gib)
     assert whole.streamed_layers == 0
     laptop = plan_placement(model, CPU, 16, "auto", ram_free=2 * gib + 300 * 2**20)
     assert 0 < laptop.resident_layers < 30 and laptop.source == "disk"
     assert plan_placement(model, CPU, 16, "disk", ram_free=64 * gib).source == "disk"
+
+
+def small_llama(layers: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=layers, vocab_size=512,
+                      max_position_embeddings=512, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("quant", [16, 8, 4])
+def test_the_plan_counts_the_packed_bytes_and_the_dequant_workspace(quant):
+    """What the plan says a streamed layer takes is what its buffer takes, byte for byte (the
+    bytes pinned on a GPU machine); the dequant workspace is counted in `work_bytes`; resident
+    quantized layers stay packed (no dense weight kept)."""
+    from offload.model import PackedLinear, dequant_bytes, work_bytes
+    from offload.quant import scratch_bytes
+
+    model = small_llama()
+    placement = plan_placement(model, CPU, quant, "always", context=64, tree_budget=8)
+    placement = placement.__class__(**{**placement.__dict__, "resident_layers": 1, "streamed_layers": 2})
+    offloaded = offload_model(model, CPU, placement)
+    assert [layer.nbytes for layer in offloaded.streamer.layers] == [placement.packed_layer_bytes] * 2
+    assert placement.device_bytes == placement.fixed_bytes + placement.resident_layer_bytes + \
+        2 * placement.packed_layer_bytes + placement.work_bytes
+    assert offloaded.pinned_bytes == 0  # a CPU computes: nothing to pin
+    entries = offloaded.streamer.layers[0].entries
+    biggest = max(e.numel for e in entries if len(e.shape) == 2)
+    assert placement.work_bytes == work_bytes(model.config, 8, 64, torch.float32) + \
+        dequant_bytes(entries, torch.float32)
+    if quant == 16:
+        assert offloaded.workspace is None and dequant_bytes(entries, torch.float32) == 0
+        return
+    assert offloaded.workspace.nbytes == biggest * 4  # one matrix, not a layer
+    assert dequant_bytes(entries, torch.float32) == biggest * 4 + scratch_bytes(biggest)
+    resident = offloaded.model.model.layers[0]
+    assert isinstance(resident.mlp.down_proj, PackedLinear)
+    assert placement.resident_layer_bytes == placement.packed_layer_bytes
+    assert not any(p.dim() == 2 for p in resident.parameters())
+
+
+def test_a_streamed_tree_pass_makes_no_host_round_trip_in_its_layers():
+    """Under a counter of the ops that would make the host wait for a CUDA device (item,
+    nonzero, device-to-host copies, tensors built from Python data), a tree pass through
+    streamed 4-bit and 8-bit layers, resident packed layers and per-matrix dequant counts none
+    inside the decoder layers; the counter itself sees an `.item()` placed in a layer."""
+    from offload.roundtrips import RoundTrips
+
+    for quant in (4, 8):
+        model = small_llama()
+        placement = plan_placement(model, CPU, quant, "always")
+        placement = placement.__class__(**{**placement.__dict__, "resident_layers": 1,
+                                           "streamed_layers": 2})
+        offload_model(model, CPU, placement)
+        logits_of(model, list(range(10, 30)))  # warm: lazy tables and caches
+        with RoundTrips(model) as trips:
+            logits_of(model, list(range(10, 30)))
+        assert trips.total_inside == 0, trips.inside
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda m, a, k: None if a[0].sum().item() else None, with_kwargs=True)
+    with RoundTrips(model) as trips:
+        logits_of(model, list(range(10, 30)))
+    hook.remove()
+    assert trips.inside == {"item": 1}
+
+
+def test_on_a_cpu_auto_4bit_keeps_packed_layers_in_ram_before_refusing():
+    """A Llama-3-70B with --quant 4 on a CPU machine with 51.1 GiB free (issue 17): `auto` keeps
+    every layer packed in RAM (was: float32 layers first, then no room for the rest)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(cfg)
+    p = plan_placement(meta, CPU, 4, "auto", ram_free=int(51.1 * 2**30), context=4096,
+                       tree_budget=64, dtype=torch.float32)
+    assert p.resident_layers == 80 and p.streamed_layers == 0
+    assert p.fixed_bytes + 80 * p.resident_layer_bytes + p.work_bytes < 51.1 * 2**30 - 2 * 2**30

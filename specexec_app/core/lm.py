@@ -128,9 +128,11 @@ def model_context(config) -> int:
 
 class Target:
     """The model whose output we promise: scores a tree in one pass, then commits a path.
-    `context` caps the conversation's tokens (prompt and replies) below the model's own limit."""
+    `context` caps the conversation's tokens (prompt and replies) below the model's own limit.
+    `offloaded` (an `offload.Offloaded`, for a model placed by `offload.offload_model`) gives its
+    placement and streamer; None for a model resident on one device."""
 
-    def __init__(self, model, name: str = "target", context: int | None = None):
+    def __init__(self, model, name: str = "target", context: int | None = None, offloaded=None):
         use_fast_attention(model)
         self.model = model
         self.name = name
@@ -139,8 +141,8 @@ class Target:
         self.kv = TokenCache()
         self._pending: list[int] = []
         self.device = model_device(model)
-        self.streamer = getattr(model, "_specexec_streamer", None)  # set by offload.offload_model
-        self.placement = getattr(model, "_specexec_placement", None)
+        self.streamer = offloaded.streamer if offloaded is not None else None
+        self.placement = offloaded.placement if offloaded is not None else None
 
     def context_hint(self) -> str:
         """For messages about a full context: how it could grow ('' at the model's limit)."""

@@ -84,42 +84,37 @@ def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: i
                  trust_remote_code: bool, context: int, tree_budget: int):
     """The target, resident where it fits, else with its decoder layers streamed (offload/);
     `draft_bytes` of the device are left to the draft, and room is kept for a `context`-token
-    KV cache and `tree_budget`-node trees. A safetensors checkpoint is read layer by layer as it
-    is placed (never held whole in RAM); a GGUF file is loaded whole, then placed."""
-    from offload import offload_model, plan_placement
+    KV cache and `tree_budget`-node trees. A checkpoint is read layer by layer as it is placed
+    (never held whole in RAM, nor expanded to 16 bits): a safetensors folder, a folder of
+    `specexec quantize`, a GGUF file (its blocks stay packed). Returns (model, offloaded): the
+    `offload.Offloaded` placement and streamer, or None when the whole model is resident."""
     from offload.loader import load_offloaded
-    from offload.model import describe
     from offload.packed import is_packed
 
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    if offload == "never" and quant == 16 and not is_packed(src.path):
-        return load_model(src, dev, dtype=dtype, trust_remote_code=trust_remote_code)
+    if offload == "never" and quant == 16 and not is_packed(src.path) and not src.gguf_file:
+        return load_model(src, dev, dtype=dtype, trust_remote_code=trust_remote_code), None
     # The draft when it shares the device, and what the allocator and CUDA's workspaces take.
     reserve = WORK_MARGIN + draft_bytes if dev.type == "cuda" else 0
     work = dict(context=context, tree_budget=tree_budget)
-    if not src.gguf_file:
+    if src.gguf_file:
+        from offload.gguf import load_gguf
+
+        from specexec_app.loading.sources import gguf_meta_dir
+
+        meta = gguf_meta_dir(src, status)
+        status(f"loading {src.name} layer by layer from GGUF")
+        loaded = load_gguf(src.gguf_path, meta, dev, quant, offload, gpu_memory, reserve, dtype,
+                           progress, **work)
+    else:
         check_checkpoint(Path(src.path))
         status(f"loading {src.name} layer by layer")
-        model = load_offloaded(Path(src.path), dev, quant, offload, gpu_memory, reserve, dtype,
-                               progress, trust_remote_code, **work)
-        placement = model._specexec_placement
-        if placement.streamed_layers == 0 and placement.quant == 16:
-            model._specexec_placement = None  # all of it resident: nothing offloaded
-        return model
-    if offload == "disk":
-        raise UserError(f"{src.name} is a GGUF file, which cannot stream from disk; convert it to "
-                        "safetensors (or `specexec quantize` a safetensors folder)")
-    model = load_model(src, torch.device("cpu"), dtype=dtype, trust_remote_code=trust_remote_code)
-    try:  # already whole in RAM: the RAM left does not limit the placement
-        placement = plan_placement(model, dev, quant, offload, gpu_memory, reserve,
-                                   ram_free=1 << 62, can_stream_from_disk=False, **work)
-    except MemoryError as e:
-        raise UserError(str(e)) from e
-    if placement.streamed_layers == 0 and quant == 16:
-        return model.to(dev)
-    status(f"placing the target: {describe(placement)}")
-    offload_model(model, dev, placement, progress=progress)
-    return model
+        loaded = load_offloaded(Path(src.path), dev, quant, offload, gpu_memory, reserve, dtype,
+                                progress, trust_remote_code, **work)
+    placement = loaded.placement
+    if placement.streamed_layers == 0 and placement.quant == 16 and loaded.workspace is None:
+        return loaded.model, None  # all of it resident in its own dtype: nothing offloaded
+    return loaded.model, loaded
 
 
 def build(spec: LoadSpec, status: Status = _quiet, progress: OnLayer | None = None) -> Pipeline:
@@ -141,14 +136,15 @@ def build(spec: LoadSpec, status: Status = _quiet, progress: OnLayer | None = No
     if dsrc:
         check_same_tokenizer(tokenizer, load_tokenizer(dsrc, spec.trust_remote_code))
     on_device = draft_gpu_bytes(draft, src, dsrc, context + 2 * spec.budget) if ddev.type == "cuda" else 0
-    model = _load_target(src, dev, spec.offload, spec.quant, spec.gpu_memory, status, progress,
-                         on_device, spec.trust_remote_code, context, spec.budget)
+    model, offloaded = _load_target(src, dev, spec.offload, spec.quant, spec.gpu_memory, status,
+                                    progress, on_device, spec.trust_remote_code, context,
+                                    spec.budget)
     stops = stop_ids(tokenizer, model)
     vocab = min(len(tokenizer), model.config.vocab_size)
     drafter = make_drafter(draft, dsrc, src, model, ddev, vocab, stops, spec.trust_remote_code,
                            status)
-    return Pipeline(Target(model, spec.target, context), drafter, tokenizer, stops, spec.target,
-                    draft, src, time.perf_counter() - started)
+    return Pipeline(Target(model, spec.target, context, offloaded=offloaded), drafter, tokenizer,
+                    stops, spec.target, draft, src, time.perf_counter() - started)
 
 
 def build_named(target: str = "default", draft: str | None = None, **options) -> Pipeline:
