@@ -10,7 +10,7 @@ import torch
 from specexec_app.errors import UserError
 
 from .checkpoint import _config, check_checkpoint, count_params
-from .sources import ModelSource
+from .sources import ModelSource, Status, _quiet, gguf_meta_dir
 
 
 def _first_line(e: BaseException) -> str:
@@ -18,19 +18,19 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+def load_tokenizer(src: ModelSource, trust_remote_code: bool = False, status: Status = _quiet):
+    """The tokenizer of a model; a GGUF file's from the folder its metadata was converted to once
+    (`sources.gguf_meta_dir`: building it from the GGUF takes seconds on every start)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a GGUF's tokenizer draws a bar that fights our spinner
-
+    folder = gguf_meta_dir(src, status) if src.gguf_file else src.path
     try:
-        return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file,
-                                             local_files_only=True,
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                              trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load the tokenizer of {src.name}: {_first_line(e)}") from e
-
 
 
 
@@ -52,8 +52,8 @@ def draft_gpu_bytes(draft: str, src: ModelSource, dsrc: ModelSource | None, toke
     except (AttributeError, TypeError):  # no config.json (a GGUF file): its weights alone
         kv = 0
     if dsrc is not None:
-        return 2 * count_params(Path(dsrc.path)) + kv
-    params = count_params(Path(src.path))
+        return 2 * count_params(Path(dsrc.path), dsrc.gguf_file) + kv
+    params = count_params(Path(src.path), src.gguf_file)
     try:
         embed = cfg["vocab_size"] * cfg["hidden_size"] * (1 if cfg.get("tie_word_embeddings") else 2)
     except KeyError:

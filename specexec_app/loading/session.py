@@ -132,9 +132,9 @@ def build(spec: LoadSpec, status: Status = _quiet, progress: OnLayer | None = No
     src = resolve(spec.target, status)
     dsrc = None if draft == "ngram" or draft in SELF_DRAFTS else resolve(draft, status)
     status(f"loading {spec.target}")
-    tokenizer = load_tokenizer(src, spec.trust_remote_code)
+    tokenizer = load_tokenizer(src, spec.trust_remote_code, status)
     if dsrc:
-        check_same_tokenizer(tokenizer, load_tokenizer(dsrc, spec.trust_remote_code))
+        check_same_tokenizer(tokenizer, load_tokenizer(dsrc, spec.trust_remote_code, status))
     on_device = draft_gpu_bytes(draft, src, dsrc, context + 2 * spec.budget) if ddev.type == "cuda" else 0
     model, offloaded = _load_target(src, dev, spec.offload, spec.quant, spec.gpu_memory, status,
                                     progress, on_device, spec.trust_remote_code, context,

@@ -159,10 +159,11 @@ def tune(spec: LoadSpec, name: str, gpu_memory: str | None, quant_given: bool, d
     from specexec_app.loading.sources import resolve
 
     dev = pick_device(spec.device)
-    folder = Path(resolve(spec.target, say).path)
+    src = resolve(spec.target, say)
+    folder = Path(src.path)
     say("measuring the machine")
     machine = measure_machine(dev, folder)
-    params = count_params(folder)
+    params = count_params(folder, src.gguf_file)
     why_quant = "given"
     if not quant_given:
         quant, why_quant = choose_quant(params, int(machine.ram_free_gb * GB), dev)
@@ -290,7 +291,7 @@ def choose_drafter(pipe, machine: Machine, speed: dict, best: dict, dparams: int
         return "gpu", "the target is resident: nothing to gain from freeing GPU memory"
     gpu_ms = speed["cuda_ms"]
     draft_bytes = dparams * 2
-    freed = min(p.streamed_layers, draft_bytes // max(p.layer_bytes, 1))
+    freed = min(p.streamed_layers, draft_bytes // max(p.resident_layer_bytes, 1))
     saved_ms = freed * p.packed_layer_bytes / (machine.h2d_pinned_gb_s * GB) * 1000
     extra_ms = best["draft_ms"] * (speed["cpu_ms"] / max(gpu_ms, 1e-6) - 1)
     if extra_ms < saved_ms:

@@ -249,7 +249,7 @@ def models() -> None:
     """The presets, where each one's weights are looked for, and whether they are present."""
     from specexec_app.config.presets import PRESETS_FILE, load_presets
     from specexec_app.loading.session import SELF_DRAFTS
-    from specexec_app.loading.sources import SHIPPED_DRAFTS, locate
+    from specexec_app.loading.sources import SHIPPED_DRAFTS, list_ollama, locate, ollama_models
 
     out = Console(highlight=False)
     with friendly_errors():
@@ -271,8 +271,14 @@ def models() -> None:
             mark = "[green]present[/]" if ok else "[yellow]missing[/]"
             out.print(f"\n[bold]{name}[/]  {mark}  [dim]distilled draft shipped with specexec-app "
                       f"(--draft {name})[/]\n  {escape(where)}", soft_wrap=True)
-        out.print("\n[dim]Any local folder, .gguf file or repo id in the local Hugging Face cache also "
-                  "works as --target / --draft. Nothing is downloaded.[/]", soft_wrap=True)
+        found = list_ollama()
+        if found:
+            out.print(f"\n[bold]Ollama store[/] [dim]{escape(str(ollama_models()))}[/]")
+            for spec, blob in found:
+                out.print(f"  {escape(spec)}  [dim]{escape(str(blob))}[/]", soft_wrap=True)
+        out.print("\n[dim]Any local folder, .gguf file (or the first part of a split one), Ollama "
+                  "name:tag, or repo id in the local Hugging Face cache also works as --target / "
+                  "--draft. Nothing is downloaded.[/]", soft_wrap=True)
 
 
 def _ints(text: str | None, name: str) -> list[int] | None:
