@@ -139,3 +139,30 @@ def test_stale_conversion_folders_are_removed(tmp_path):
     live = temp_folder(tmp_path, ".convert-")  # this process's: alive
     assert remove_orphans(tmp_path, ".convert-") == 1
     assert not dead.exists() and live.exists()
+
+
+def test_version_and_short_help():
+    from specexec_app import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"specexec {__version__}"
+    r = runner.invoke(app, ["run", "-h"])
+    assert r.exit_code == 0 and "--max-new-tokens" in r.stdout and "-n" in r.stdout
+
+
+def test_header_without_dtype_is_one_line(source, tmp_path):
+    import shutil
+    import struct
+
+    bad = tmp_path / "bad"
+    shutil.copytree(source.path, bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    del header[name]["dtype"]
+    text = json.dumps(header).encode().ljust(n)
+    weights.write_bytes(data[:8] + text + data[8 + n:])
+    one_line_error(runner.invoke(app, ["run", "hi", "--target", str(bad)]),
+                   "model.safetensors is corrupt: its header cannot be read")

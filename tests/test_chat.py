@@ -85,6 +85,7 @@ def test_pty_session_question_command_interrupt_exit(tmp_path):
         child.expect_exact(">>>")
         child.sendintr()  # Ctrl+C at the prompt: a hint, not an exit
         child.expect_exact("Use Ctrl + d or /bye to exit.")
+        child.expect_exact(">>>")  # a Ctrl+D typed before the editor takes the terminal is the tty's
         child.sendeof()
         child.expect(pexpect.EOF)
     finally:
@@ -212,3 +213,17 @@ def test_an_unexpected_failure_in_a_turn_keeps_the_conversation(pipe, monkeypatc
     out = buf.getvalue()
     assert "error: device lost (the conversation goes on)" in out and "Traceback" not in out
     assert r.conv.turns == before and re.search(r"conversation\s+2 messages", out)
+
+
+def test_ollama_and_llama_cli_habits(pipe):
+    """/set parameter NAME VALUE (Ollama's spelling), /show template, and settings that the
+    engine would choke on refused at /set (a nan temperature, a seed past 2^63)."""
+    r, out = repl(pipe, ["/set parameter temperature 0.5", "/set parameter num_predict 7",
+                         "/show template", "/set temperature nan", f"/set seed {2**63}",
+                         "/set system [link=http://x]click[/link] [/]"])
+    assert r.settings.temperature == 0.5 and r.settings.max_new_tokens == 7
+    assert pipe.tokenizer.chat_template.splitlines()[0] in out
+    assert "--temperature must be a finite number" in out and "--seed must be at most" in out
+    r.cmd_show("")  # rich markup in a user string is printed as it is, not read (nor an error)
+    assert "system" in r.console.file.getvalue().splitlines()[-3]
+    assert "[link=http://x]click[/link] [/]" in r.console.file.getvalue()
