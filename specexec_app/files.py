@@ -21,21 +21,30 @@ def _reason(e: OSError) -> str:
 
 
 def check_writable(path: Path, what: str = "") -> None:
-    """Refuse, before any work, an output file that could not be written: a folder, a missing
-    or read-only parent folder. (A full disk shows only when writing.)"""
+    """Refuse, before any work, an output file that could not be written: a folder, a parent
+    that is missing or not a folder, a folder where no file can be made (tried: a permission
+    check says nothing to root, nor of /proc), a file that cannot be replaced. (A full disk
+    shows only when writing.)"""
     path = Path(path)
     label = f"{what} {path}".strip()
     if path.is_dir():
         raise UserError(f"cannot write {label}: it is a folder")
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
+    if not parent.exists():
         raise UserError(f"cannot write {label}: the folder {parent} does not exist")
-    if path.exists() and not _is_regular(path):
+    if not parent.is_dir():
+        raise UserError(f"cannot write {label}: {parent} is a file, not a folder")
+    if path.exists() and not _is_regular(path):  # a device or a pipe: written directly
         if not os.access(path, os.W_OK):
             raise UserError(f"cannot write {label}: permission denied")
         return
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UserError(f"cannot write {label}: permission denied")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {label}: no file can be made in {parent} "
+                        f"({_reason(e)})") from None
 
 
 def _is_regular(path: Path) -> bool:
@@ -57,6 +66,8 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             return
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
         try:
+            # mkstemp makes it 0600: give it the mode of the file it replaces, or the umask's.
+            os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 f.write(raw)
                 f.flush()
@@ -67,6 +78,12 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             raise
     except OSError as e:
         raise UserError(f"cannot write {path}: {_reason(e)}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def holds_model(folder: Path) -> bool:

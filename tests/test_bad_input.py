@@ -48,6 +48,8 @@ def cli(*args, input=None, env=None, limit_bytes=None, timeout=300):
     (["run", "hi", "--drafter", "tpu"], "--drafter must be auto, gpu or cpu"),
     (["run", "hi", "--stats-json", "/no/such/folder/s.json"], "the folder /no/such/folder does not exist"),
     (["run", "hi", "--stats-json", "/tmp"], "it is a folder"),
+    (["run", "hi", "--stats-json", "/proc/version"], "no file can be made in /proc"),
+    (["run", "hi", "--stats-json", __file__ + "/s.json"], "is a file, not a folder"),
     (["chat", "--temperature", "inf"], "--temperature must be a finite number"),
     (["serve", "--port", "70000"], "--port must be in 0..65535"),
     (["bench", "--out", "/dev/null"], "is a file, not a folder"),
@@ -55,6 +57,21 @@ def cli(*args, input=None, env=None, limit_bytes=None, timeout=300):
 ])
 def test_bad_options_are_refused_before_anything_loads(args, needle):
     one_line_error(runner.invoke(app, args), needle)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "hi", "--budget", "abc"], "Invalid value for '--budget'"),
+    (["run", "hi", "--seed", "nan"], "Invalid value for '--seed'"),
+    (["run", "hi", "--bogus"], "No such option: --bogus"),
+    (["run"], "Missing argument 'prompt'"),
+])
+def test_usage_errors_are_one_line_too(args, needle):
+    """What the command-line parser itself refuses (a word for a number, an unknown option)
+    ends as the rest: one `error:` line and exit 1 (it was a box and exit 2)."""
+    proc = cli(*args, timeout=60)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 1 and err.startswith("error:") and needle in err, err
+    assert len(err.splitlines()) == 1
 
 
 def test_prompt_that_is_not_utf8_is_one_line():
@@ -74,6 +91,23 @@ def test_closed_or_full_stdout_is_one_line(tmp_path):
         assert proc.returncode == 1 and err[-1].startswith("error: cannot write the reply to "
                                                            "stdout"), err
         assert "Traceback" not in proc.stderr.decode()
+
+
+def test_written_files_have_the_usual_mode(tmp_path):
+    """Atomic writes go through a private temporary file; what lands has the umask's mode (or
+    keeps the mode of the file it replaced), not the temporary file's 0600."""
+    from specexec_app.files import write_atomic
+
+    fresh, kept = tmp_path / "a.json", tmp_path / "b.json"
+    old = os.umask(0o022)
+    try:
+        write_atomic(fresh, "{}")
+        kept.write_text("")
+        kept.chmod(0o640)
+        write_atomic(kept, "{}")
+    finally:
+        os.umask(old)
+    assert fresh.stat().st_mode & 0o777 == 0o644 and kept.stat().st_mode & 0o777 == 0o640
 
 
 def test_full_disk_keeps_the_old_file_whole(tmp_path):

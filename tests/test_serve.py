@@ -149,6 +149,10 @@ def test_plain_http_stream_and_stop_strings(http, reference):
     r = http.post(CHAT, json={**body, "stop": stop}).json()
     assert r["choices"][0]["message"]["content"] == expected
     assert r["choices"][0]["finish_reason"] == "stop"
+    # `curl -d` labels a JSON body form-encoded: it is read as JSON all the same.
+    r = http.post(CHAT, content=json.dumps({"messages": QUESTION, "max_tokens": 12}),
+                  headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == text
 
 
 def test_two_concurrent_clients_are_answered_in_turn(pipe, server, client):

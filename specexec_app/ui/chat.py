@@ -146,6 +146,10 @@ class Stopping:
             self.since = now
             raise KeyboardInterrupt
 
+    def just_stopped(self) -> bool:
+        """Whether a reply was stopped within `GRACE` seconds (a Ctrl+C now belongs to that)."""
+        return self.since is not None and time.monotonic() - self.since < self.GRACE
+
     @contextmanager
     def during_reply(self):
         if threading.current_thread() is not threading.main_thread():
@@ -224,7 +228,8 @@ class ChatREPL:
             try:
                 line = self.read_message()
             except KeyboardInterrupt:  # Ctrl+C at the prompt: say how to leave, as Ollama does
-                self.say(LEAVE_HINT, "dim")
+                if not self.stopping.just_stopped():  # (not for one more press of a stop)
+                    self.say(LEAVE_HINT, "dim")
                 continue
             if line is None:
                 self.console.print()

@@ -500,7 +500,26 @@ def serve(
 
 
 def main() -> None:
-    app()
+    """The console script: click's own usage errors (a word where a number belongs, an unknown
+    option) end like every other bad input, in one `error:` line and exit 1."""
+    try:  # typer carries its own copy of click (a private module), older ones use click's
+        from typer._click import exceptions as cx
+    except ImportError:
+        from click import exceptions as cx
+
+    try:
+        code = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:
+        print(e.format_message())
+        code = 0
+    except cx.UsageError as e:
+        hint = f" (specexec {e.ctx.info_name} -h lists the options)" if e.ctx and e.ctx.parent else ""
+        error_line(e.format_message().strip().splitlines()[-1] + hint)
+        code = 1
+    except typer.Abort:
+        err.print("\ninterrupted")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -305,6 +305,20 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
                     code="invalid_value")
 
 
+class JsonBodies:
+    """A POST body is read as JSON whatever its Content-Type says (`curl -d` sends JSON labelled
+    form-encoded), as llama.cpp's server and OpenAI's API read it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+            scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
 class LogRequests:
     """One line per request once its response has ended (a stream too): method, path, status,
     time, and the generation's figures a handler left in the request's state."""
@@ -510,6 +524,7 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
                 "created": created, "model": model, "choices": [choice], "usage": usage(out),
                 "specexec": specexec_stats(out)}
 
+    app.add_middleware(JsonBodies)
     app.add_middleware(LogRequests, log=log)
     return app
 
