@@ -69,14 +69,26 @@ def resolve_config(opts: dict, use_profile: bool = True, **defaults):
     return resolve(given, profile.choice if profile else None), profile
 
 
+class _Quiet:
+    """A spinner's stand-in where the console is no terminal (a log file must not get the blank
+    lines a spinner leaves behind)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def update(self, *_) -> None: ...
+    def __enter__(self): return self
+    def __exit__(self, *_) -> None: ...
+
+
 def load(config, console: Console = err):
-    """Build the pipeline with a spinner, and a bar while layers are placed."""
+    """Build the pipeline with a spinner, and a bar while layers are placed (on a terminal)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from specexec_app.loading.session import build
 
+    live = console.is_terminal
     bar = Progress(TextColumn("placing layers"), BarColumn(), MofNCompleteColumn(),
-                   console=console, transient=True)
+                   console=console, transient=True, disable=not live)
     task = None
 
     def progress(done: int, total: int) -> None:
@@ -90,7 +102,7 @@ def load(config, console: Console = err):
             bar.stop()
             status.start()
 
-    with console.status("loading models...", spinner="dots") as status:
+    with console.status("loading models...", spinner="dots") if live else _Quiet() as status:
         try:
             return build(config.load, status=lambda msg: status.update(escape(msg) + "..."),
                          progress=progress)
