@@ -147,7 +147,8 @@ class Stopping:
             raise KeyboardInterrupt
 
     def just_stopped(self) -> bool:
-        """Whether a reply was stopped within `GRACE` seconds (a Ctrl+C now belongs to that)."""
+        """Whether a reply was stopped within `GRACE` seconds and nothing typed since (a Ctrl+C
+        now belongs to that stop)."""
         return self.since is not None and time.monotonic() - self.since < self.GRACE
 
     @contextmanager
@@ -234,6 +235,7 @@ class ChatREPL:
             if line is None:
                 self.console.print()
                 return
+            self.stopping.since = None  # a line typed since: a Ctrl+C is no more part of a stop
             text = line.strip()
             if not text:
                 continue
