@@ -150,22 +150,25 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def q4_k(b):
+def _k4_scales(b) -> tuple[torch.Tensor, torch.Tensor]:
+    """The header Q4_K and Q5_K blocks share: each of the 8 sub-blocks' scale and min
+    ([n, 8, 1] each), from the super-block's fp16 d and dmin and its 6-bit scales."""
     n = b.shape[0]
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
     sc, mn = _scale_min_k4(b[:, 4:16])
-    dl = (d * sc.float()).reshape(n, 8, 1)
-    ml = (dmin * mn.float()).reshape(n, 8, 1)
+    return (d * sc.float()).reshape(n, 8, 1), (dmin * mn.float()).reshape(n, 8, 1)
+
+
+def q4_k(b):
+    n = b.shape[0]
+    dl, ml = _k4_scales(b)
     q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).float()
     return (dl * q - ml).reshape(n, QK_K)
 
 
 def q5_k(b):
     n = b.shape[0]
-    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    dl = (d * sc.float()).reshape(n, 8, 1)
-    ml = (dmin * mn.float()).reshape(n, 8, 1)
+    dl, ml = _k4_scales(b)
     ql = _nibbles(b[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
     qh = _bits(b[:, 16:48].reshape(n, 1, 32), 8).reshape(n, 8, 32)
     q = (ql | (qh << 4)).float()

@@ -3,7 +3,6 @@ waits on the device, and that output stays the target's own. A tiny random Llama
 a draft where a brute-force reference must run it hundreds of times; the real default model
 and the shipped distilled draft check greedy exactness."""
 
-import math
 
 import pytest
 import torch
