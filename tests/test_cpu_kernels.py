@@ -1,0 +1,134 @@
+"""The CPU computes from packed weights (offload/kernels.py): each format that maps onto torch's
+packed kernels gives the product with the same weights dequantized, but for the kernel's bf16
+rounding of activations, scales and zeros."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from offload.kernels import GGUF_KERNEL_TYPES, KERNEL_DTYPE, kernel_nbytes, kernel_weights
+from offload.store import Entry, materialize
+from test_formats import _pack_cols, _pack_rows, random_blocks
+
+pytestmark = pytest.mark.skipif(not hasattr(torch, "_weight_int4pack_mm_for_cpu"),
+                                reason="this torch has no packed CPU kernels")
+
+
+def _bf16_bound(x: torch.Tensor, w: torch.Tensor, terms: int) -> torch.Tensor:
+    """How far bf16 rounding may move x W^T: the input's rounding, the scales' and zeros'
+    (each at most 2^-8 of the weight's magnitude, per term), the output's."""
+    mag = x.abs() @ w.abs().t()
+    return mag * 2.0 ** -8 * (2 + terms) + 1e-6
+
+
+def _check(entry: Entry, buffer: torch.Tensor, terms: int, rows_in: int = 5):
+    """The kernel's product against float32 math with the dequantized weights, within the bf16
+    bound; and the planned bytes equal the built ones."""
+    linear = kernel_weights(entry, buffer)
+    assert linear is not None, entry
+    w = materialize(entry, buffer)
+    x = torch.randn(rows_in, entry.shape[1], generator=torch.Generator().manual_seed(3))
+    got, want = linear(x), x @ w.t()
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    err = (got - want).abs()
+    bound = _bf16_bound(x, w, terms)
+    assert (err <= bound).all(), (entry.kind, entry.meta, (err / bound).max().item())
+    # Not a test that cannot fail: a wrong weight (one code off in the first group) breaks it.
+    assert (err < 0.2 * (x.abs() @ w.abs().t())).all()
+    assert kernel_nbytes(entry) == linear.nbytes
+    return linear
+
+
+@pytest.mark.parametrize("qtype", GGUF_KERNEL_TYPES)
+@pytest.mark.parametrize("heads", [0, 4])
+def test_gguf_blocks_compute_as_their_dequantized_weights(qtype, heads):
+    from gguf import GGMLQuantizationType, quants
+
+    rows, cols = 64, 512
+    samples = [random_blocks(qtype, rows, cols, scale=0.01)]
+    try:
+        samples.append(quants.quantize(np.random.default_rng(1).standard_normal((rows, cols))
+                                       .astype(np.float32), GGMLQuantizationType[qtype]))
+    except (NotImplementedError, quants.QuantError):
+        pass
+    for data in samples:
+        buffer = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1).copy())
+        entry = Entry("w", (rows, cols), torch.float32, "gguf",
+                      ((0, buffer.numel(), torch.uint8, (buffer.numel(),)),), (qtype, heads))
+        _check(entry, buffer, terms=1 if qtype.startswith("Q4") else 2)
+
+
+def test_a_wrong_code_is_caught():
+    """The check above fails for a kernel whose weights are one step off: flip one nibble."""
+    from gguf import GGMLQuantizationType, quants
+
+    rows, cols = 16, 64
+    data = quants.quantize(np.random.default_rng(2).standard_normal((rows, cols)).astype(np.float32),
+                           GGMLQuantizationType.Q4_0)
+    buffer = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1).copy())
+    entry = Entry("w", (rows, cols), torch.float32, "gguf",
+                  ((0, buffer.numel(), torch.uint8, (buffer.numel(),)),), ("Q4_0", 0))
+    linear = kernel_weights(entry, buffer)
+    buffer[2] ^= 0x0F  # after building: the dequantized reference now differs from the kernel
+    w = materialize(entry, buffer)
+    x = torch.zeros(1, cols)
+    x[0, 0] = 1.0
+    err = (linear(x) - x @ w.t()).abs()
+    assert (err > _bf16_bound(x, w, 1)).any()
+
+
+def test_int8_rows_use_the_int8_kernel():
+    q = torch.randint(-127, 128, (48, 96), dtype=torch.int8)
+    scale = torch.rand(48, 1) * 0.01
+    buffer = torch.cat([q.view(torch.uint8).reshape(-1), scale.view(torch.uint8).reshape(-1)])
+    entry = Entry("w", (48, 96), torch.float32, "int8",
+                  ((0, q.numel(), torch.int8, (48, 96)), (q.numel(), 48 * 4, torch.float32, (48, 1))))
+    linear = _check(entry, buffer, terms=1)
+    assert linear.int8
+
+
+def _int4_entry(kind: str, group: int, act_order: bool = False):
+    gen = torch.Generator().manual_seed(4)
+    out_f, in_f = 32, 256
+    q = torch.randint(0, 16, (out_f, in_f), generator=gen)
+    z = torch.randint(1, 16, (in_f // group, out_f), generator=gen)
+    s = (torch.rand(in_f // group, out_f, generator=gen) * 0.02 + 0.001).half()
+    if kind == "gptq":
+        g_idx = (torch.randperm(in_f, generator=gen) if act_order else torch.arange(in_f)) // group
+        tensors = [_pack_rows(q.t()), _pack_cols(z), s, g_idx.int()]
+        meta = (0,)
+    else:
+        order = (0, 2, 4, 6, 1, 3, 5, 7)
+        tensors = [_pack_cols(q.t(), order), _pack_cols(z, order), s]
+        meta = (group,)
+    parts, at, chunks = [], 0, []
+    for t in tensors:
+        raw = t.contiguous().view(torch.uint8).reshape(-1)
+        parts.append((at, raw.numel(), t.dtype, tuple(t.shape)))
+        chunks.append(raw)
+        at += raw.numel()
+    return Entry("w", (out_f, in_f), torch.float32, kind, tuple(parts), meta), torch.cat(chunks)
+
+
+@pytest.mark.parametrize("kind", ["gptq", "awq"])
+@pytest.mark.parametrize("group", [32, 128])
+def test_gptq_and_awq_groups_use_the_int4_kernel(kind, group):
+    _check(*_int4_entry(kind, group), terms=1)
+
+
+def test_what_does_not_map_is_left_to_the_dequantizer():
+    """Act-order GPTQ, NF4, Q6_K (groups of 16) and a row count the packer refuses: None."""
+    assert kernel_weights(*_int4_entry("gptq", 32, act_order=True)) is None
+    data = random_blocks("Q6_K", 16, 256)
+    buffer = torch.from_numpy(data.reshape(-1).copy())
+    q6 = Entry("w", (16, 256), torch.float32, "gguf", ((0, buffer.numel(), torch.uint8, (buffer.numel(),)),),
+               ("Q6_K", 0))
+    assert kernel_weights(q6, buffer) is None and kernel_nbytes(q6) is None
+    data = random_blocks("Q4_0", 8, 64)
+    buffer = torch.from_numpy(data.reshape(-1).copy())
+    odd = Entry("w", (8, 64), torch.float32, "gguf", ((0, buffer.numel(), torch.uint8, (buffer.numel(),)),),
+                ("Q4_0", 0))
+    assert kernel_weights(odd, buffer) is None and kernel_nbytes(odd) is None
+    assert KERNEL_DTYPE == torch.bfloat16
