@@ -38,19 +38,34 @@ def _embedding(model) -> nn.Embedding:
     return model.get_input_embeddings()
 
 
+def _rows(model, rows: list[int]) -> torch.Tensor:
+    """Rows of the input embedding (float32, on the CPU), looked up as the model does (a packed
+    table, GGUF blocks, dequantizes the rows asked for)."""
+    embed = _embedding(model)
+    if isinstance(embed, nn.Embedding):
+        return embed.weight.detach()[rows].float().cpu()
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    with torch.inference_mode():
+        return embed(torch.tensor(rows, device=device)).float().cpu()
+
+
+def _shape(model) -> list[int]:
+    embed = _embedding(model)
+    return [embed.num_embeddings, embed.embedding_dim]
+
+
 def embedding_probe(model) -> dict:
     """A few values of the target's input embedding, spread over the vocabulary."""
-    w = _embedding(model).weight
-    rows = [round(i * (w.shape[0] - 1) / (PROBE_ROWS - 1)) for i in range(PROBE_ROWS)]
-    return {"shape": list(w.shape), "rows": rows,
-            "values": w.detach()[rows, :PROBE_COLS].float().cpu().tolist()}
+    n = _shape(model)[0]
+    rows = [round(i * (n - 1) / (PROBE_ROWS - 1)) for i in range(PROBE_ROWS)]
+    return {"shape": _shape(model), "rows": rows,
+            "values": _rows(model, rows)[:, :PROBE_COLS].tolist()}
 
 
 def probe_matches(model, probe: dict) -> bool:
-    w = _embedding(model).weight
-    if list(w.shape) != probe["shape"]:
+    if _shape(model) != probe["shape"]:
         return False
-    got = w.detach()[probe["rows"], :PROBE_COLS].float().cpu()
+    got = _rows(model, probe["rows"])[:, :PROBE_COLS]
     return torch.allclose(got, torch.tensor(probe["values"]), rtol=1e-2, atol=1e-3)
 
 
@@ -98,14 +113,20 @@ def make_draft(target, n_layers: int, device: torch.device, dtype: torch.dtype =
 
 def share(draft, target, device: torch.device, dtype: torch.dtype) -> None:
     """Give `draft` the target's embedding and LM head: the same tensors when device and dtype
-    agree, else a copy. They are never trained."""
+    agree, else a copy; a packed one (GGUF blocks, the CPU's packed kernels) is the same module,
+    on the target's device only. They are never trained."""
     for get, set_ in ((lambda m: m.get_input_embeddings(), lambda m, x: m.set_input_embeddings(x)),
                       (lambda m: m.get_output_embeddings(), lambda m, x: m.set_output_embeddings(x))):
         module = get(target)
-        w = module.weight
-        if not w.dtype.is_floating_point:
-            raise UserError("a distilled draft needs the target's LM head in 16 or 32 bits "
-                            "(it is quantized here)")
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
+            on = {b.device for b in module.buffers()} | {p.device for p in module.parameters()}
+            if on and on != {torch.device(device)}:
+                raise UserError("a distilled draft shares the target's packed embedding and head, "
+                                f"so it runs where the target does ({next(iter(on))}), not on {device}")
+            module.requires_grad_(False)
+            set_(draft, module)
+            continue
         if w.device != device or w.dtype != dtype:
             module = copy.deepcopy(module).to(device, dtype)
         module.requires_grad_(False)

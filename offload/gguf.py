@@ -21,8 +21,9 @@ import torch
 
 from specexec_app.errors import UserError
 
-from .model import (Offloaded, PackedEmbedding, PackedLinear, Slot, Workspace, offload_model,
-                    plan_placement)
+from .kernels import kernel_nbytes
+from .model import (Offloaded, PackedEmbedding, PackedLinear, Slot, Workspace, kernel_linear,
+                    offload_model, plan_placement)
 from .quant import GGUF_TYPES
 from .store import _ALIGN, DiskLayer, Entry, PackedLayer, host_buffer, materialize
 
@@ -178,9 +179,10 @@ class GGUFModel:
             at += -(-nbytes // _ALIGN) * _ALIGN
         return DiskLayer(entries, at, tuple(segments))
 
-    def read(self, name: str, hf_name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Tensor `name` dequantized on the CPU to `dtype` (embeddings, norm, head)."""
-        layer = self.layer([(name, hf_name, 0)], dtype)
+    def read(self, name: str, hf_name: str, dtype: torch.dtype, heads: int = 0) -> torch.Tensor:
+        """Tensor `name` dequantized on the CPU to `dtype` (embeddings, norm, head; every tensor
+        when the blocks are expanded at load)."""
+        layer = self.layer([(name, hf_name, heads)], dtype)
         buffer = host_buffer(layer.nbytes)
         layer.read_into(buffer)
         return materialize(layer.entries[0], buffer)
@@ -221,15 +223,19 @@ def load_gguf(path: Path, config_dir: Path, device: torch.device, quant: int, of
     """The target from a GGUF file (or the first part of a split one, or an Ollama blob), with
     the config that `config_dir` holds (converted once from the file's metadata). Its decoder
     layers stay in their blocks: resident ones on the device, streamed ones in host RAM (read
-    once) or on disk (`offload="disk"`: read from the GGUF file on every pass). A tensor the
-    architecture needs and the files lack is a one-line error."""
+    once) or on disk (`offload="disk"`: read from the GGUF file on every pass). On a CPU the
+    resident matrices whose blocks map onto torch's packed kernels compute from them
+    (`offload.kernels`), the head too. `quant` None keeps the blocks; 16 expands them once, at
+    load, to dense `dtype` weights (the float reference; resident, or streamed from RAM). A
+    tensor the architecture needs and the files lack is a one-line error."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if quant != 16:
+    if quant not in (None, 16):
         raise UserError(f"{path.name} is already quantized (GGUF); --quant {quant} does not apply "
-                        "to it: leave --quant out to stream its blocks as they are")
+                        "to it: leave --quant out to use its blocks as they are (or --quant 16 to "
+                        "expand them at load)")
     gguf = GGUFModel(path)
     config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
     if gguf.architecture not in ARCHITECTURES and config.model_type not in ARCHITECTURES:
@@ -254,6 +260,9 @@ def load_gguf(path: Path, config_dir: Path, device: torch.device, quant: int, of
         prefix = f"model.layers.{i}."
         return [(to_gguf[k], k[len(prefix):], heads.get(k, 0)) for k in names if k.startswith(prefix)]
 
+    if quant == 16:
+        return _load_dense(gguf, model, to_gguf, heads, device, offload, gpu_memory, reserve,
+                           dtype, progress, ram_free, context, tree_budget)
     disk_layers = [gguf.layer(layer_names(i), dtype) for i in range(n)]
     biggest = max(disk_layers, key=lambda d: d.nbytes)
     # Embeddings and head stay in their blocks too, resident on the device: the embedding
@@ -263,6 +272,9 @@ def load_gguf(path: Path, config_dir: Path, device: torch.device, quant: int, of
     dense = sum(p.numel() for k, p in model.named_parameters()
                 if not k.startswith("model.layers.") and k not in dict(ends)) * \
         torch.finfo(dtype).bits // 8
+    head = ends_layer.entries[-1]
+    on_cpu = device.type == "cpu" and kernel_nbytes(head) is not None  # the head in kernel form
+    dense += kernel_nbytes(head) if on_cpu else 0
     try:
         placement = plan_placement(model, device, 16, offload, gpu_memory, reserve, dtype=dtype,
                                    ram_free=ram_free, context=context, tree_budget=tree_budget,
@@ -294,9 +306,38 @@ def load_gguf(path: Path, config_dir: Path, device: torch.device, quant: int, of
     del ends_buffer
     embed = ends_layer.entries[0]
     model.model.embed_tokens = PackedEmbedding(embed, slot)
-    head = ends_layer.entries[-1]
-    model.lm_head = PackedLinear(replace(head, name="lm_head.weight"), None, slot, workspace)
-    workspace.reserve(min(head.numel, max(e.numel for e in biggest.entries)))
+    head = replace(head, name="lm_head.weight")
+    model.lm_head = kernel_linear(head, None, slot.buffer) if on_cpu else None
+    if model.lm_head is None:
+        model.lm_head = PackedLinear(head, None, slot, workspace)
+        workspace.reserve(min(head.numel, max(e.numel for e in biggest.entries)))
     return offload_model(model, device, placement, dtype, progress=progress, fill=fill,
                          read_packed=read_packed, disk_layer=disk_layers.__getitem__,
                          workspace=workspace)
+
+
+def _load_dense(gguf: GGUFModel, model, to_gguf: dict[str, str], heads: dict[str, int],
+                device: torch.device, offload: str, gpu_memory: int | None, reserve: int,
+                dtype: torch.dtype, progress, ram_free: int | None, context: int,
+                tree_budget: int) -> Offloaded:
+    """The GGUF's blocks expanded once to dense `dtype` weights, read layer by layer as placed."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    try:
+        placement = plan_placement(model, device, 16, offload, gpu_memory, reserve, dtype=dtype,
+                                   ram_free=ram_free, can_stream_from_disk=False, context=context,
+                                   tree_budget=tree_budget, weights="GGUF expanded to dense")
+    except MemoryError as e:
+        raise UserError(str(e)) from e
+
+    def fill(prefix: str | None) -> None:
+        for name, p in model.named_parameters():
+            inside = name.startswith("model.layers.")
+            if (prefix is None and not inside and not (tied and name == "lm_head.weight")) or \
+                    (prefix is not None and name.startswith(prefix)):
+                set_module_tensor_to_device(model, name, "cpu",
+                                            value=gguf.read(to_gguf[name], name, dtype,
+                                                            heads.get(name, 0)))
+
+    return offload_model(model, device, placement, dtype, progress=progress, fill=fill)

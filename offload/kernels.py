@@ -61,12 +61,11 @@ class KernelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         a = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
-        y = torch._weight_int8pack_mm(a, self.q8, self.scale8) if self.int8 else None
-        for k, group in enumerate(self.groups):
+        y = torch._weight_int8pack_mm(a, self.q8, self.scale8).to(x.dtype) if self.int8 else None
+        for k, group in enumerate(self.groups):  # terms summed in the model's dtype, not in bf16
             part = torch._weight_int4pack_mm_for_cpu(a, getattr(self, f"packed{k}"), group,
                                                      getattr(self, f"scales_zeros{k}"))
-            y = part if y is None else y.add_(part)
-        y = y.to(x.dtype)
+            y = part.to(x.dtype) if y is None else y.add_(part)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)

@@ -153,10 +153,12 @@ def _loose(e: Entry, buffer: torch.Tensor) -> torch.Tensor:
 
 
 def _install(layer: nn.Module, entries: list[Entry], slot: Slot, workspace: Workspace,
-             packed_only: bool = False) -> list[Entry]:
+             packed_only: bool = False, kernels: bool = False) -> list[Entry]:
     """Replace `layer`'s nn.Linear modules by PackedLinear reading `entries` from `slot` (with
-    `packed_only`, only those whose weight is not raw in the compute dtype); return the entries
-    left to the caller (norms, and the Linear weights kept as they are)."""
+    `packed_only`, only those whose weight is not raw in the compute dtype), or, with `kernels`
+    (a layer resident in a CPU's RAM), by a KernelLinear where the weight's format maps onto
+    torch's packed CPU kernels (`offload.kernels`); return the entries left to the caller
+    (norms, and the Linear weights kept as they are)."""
     by_name = {e.name: e for e in entries}
     used = set()
     for name, module in list(layer.named_modules()):
@@ -165,12 +167,25 @@ def _install(layer: nn.Module, entries: list[Entry], slot: Slot, workspace: Work
         weight, bias = by_name[f"{name}.weight"], by_name.get(f"{name}.bias")
         if packed_only and not weight.needs_workspace():
             continue
-        if weight.needs_workspace():
-            workspace.reserve(weight.numel)
         parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
-        setattr(parent, name.rpartition(".")[2], PackedLinear(weight, bias, slot, workspace))
+        linear = kernel_linear(weight, bias, slot.buffer) if kernels else None
+        if linear is None:
+            if weight.needs_workspace():
+                workspace.reserve(weight.numel)
+            linear = PackedLinear(weight, bias, slot, workspace)
+        setattr(parent, name.rpartition(".")[2], linear)
         used |= {weight.name} | ({bias.name} if bias else set())
     return [e for e in entries if e.name not in used]
+
+
+def kernel_linear(weight: Entry, bias: Entry | None, buffer: torch.Tensor) -> nn.Module | None:
+    """A KernelLinear for a matrix of a host `buffer`, or None when its format does not map."""
+    from .kernels import kernel_weights
+
+    linear = kernel_weights(weight, buffer) if weight.needs_workspace() else None
+    if linear is not None and bias is not None:
+        linear.bias = materialize(bias, buffer).float().clone()
+    return linear
 
 
 class StreamedLayer(nn.Module):
@@ -282,7 +297,8 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
                    can_stream_from_disk: bool = True, context: int = 0,
                    tree_budget: int = 0,
                    packed_layout: tuple[list[Entry], int] | None = None,
-                   weights: str = "", fixed_bytes: int | None = None) -> Placement:
+                   weights: str = "", fixed_bytes: int | None = None,
+                   kernels: bool = True) -> Placement:
     """How many decoder layers stay resident within `gpu_memory` (default: the device's free
     memory), after the embeddings, norm and head, the target's KV cache and pass activations
     for a `context`-token conversation and `tree_budget`-node trees (`work_bytes`), `reserve`
@@ -305,6 +321,8 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
     entries, packed = packed_layout
     comes_packed = quant < 16 or any(e.needs_workspace() for e in entries)
     kept = packed if comes_packed else layer_bytes  # a resident layer's bytes
+    if comes_packed and device.type == "cpu" and kernels:
+        kept = kernel_layer_bytes(entries, packed)
     fixed = _bytes(model, dtype) - layer_bytes * n if fixed_bytes is None else fixed_bytes
     if context:
         context = min(context, model_context(model.config))
@@ -357,13 +375,30 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
                      work, context, tree_budget, kept, weights, n_buffers)
 
 
+def kernel_layer_bytes(entries: list[Entry], packed: int) -> int:
+    """A layer's bytes resident in a CPU's RAM with its matrices in kernel form (`offload.kernels`):
+    those bytes, the norms, and the packed buffer too when a matrix stays with the dequantizer."""
+    from .kernels import kernel_nbytes
+
+    total = 0
+    for e in entries:
+        if len(e.shape) == 2 and e.needs_workspace():
+            size = kernel_nbytes(e)
+            if size is None:
+                return packed + sum(kernel_nbytes(x) or 0 for x in entries)
+            total += size
+        else:  # a norm, or a matrix already in the compute dtype: a tensor of its own
+            total += e.numel * torch.finfo(e.dtype).bits // 8
+    return total
+
+
 def offload_model(model, device: torch.device, placement: Placement,
                   dtype: torch.dtype | None = None, n_buffers: int = 2,
                   progress: Callable[[int, int], None] | None = None,
                   fill: Callable[[str | None], None] | None = None,
                   read_packed: Callable[[int, bool], PackedLayer] | None = None,
                   disk_layer: Callable[[int], DiskLayer] | None = None,
-                  workspace: Workspace | None = None) -> Offloaded:
+                  workspace: Workspace | None = None, kernels: bool = True) -> Offloaded:
     """Rebuild `model` in place: the first `placement.resident_layers` decoder layers and
     everything outside them move to `device`; the rest are packed into host buffers and streamed.
     Quantized layers stay packed, resident ones too: their nn.Linear modules become PackedLinear,
@@ -379,11 +414,14 @@ def offload_model(model, device: torch.device, placement: Placement,
     layer i comes already packed, and is streamed or kept resident as it is. When
     `placement.source` is "disk", `disk_layer(i)` says where streamed layer i lies on disk; it is
     not read now (its parameters stay on the meta device) but on every pass. `workspace` is
-    given when modules outside the layers share it (a packed head). Returns the `Offloaded`
+    given when modules outside the layers share it (a packed head). On a CPU, with `kernels`,
+    resident matrices whose format maps onto torch's packed CPU kernels compute from them
+    (`offload.kernels`: bf16 activations) and drop their packed bytes. Returns the `Offloaded`
     model: placement, streamer (None when nothing streams) and workspace."""
     dtype = dtype or model.dtype
     layers = _layers(model)
     first = placement.resident_layers
+    kernels = kernels and device.type == "cpu"
     if placement.source == "disk" and disk_layer is None:
         raise ValueError("streaming from disk needs disk_layer")
     prepare(device)  # lookup tables on the device now, not during a pass
@@ -408,9 +446,12 @@ def offload_model(model, device: torch.device, placement: Placement,
             slot = Slot()
             if i < first:  # resident, packed: its buffer moves to the device once
                 slot.buffer = layer_packed.buffer.to(device)
-                loose = _install(layers[i], layer_packed.entries, slot, workspace, packed_only=True)
+                loose = _install(layers[i], layer_packed.entries, slot, workspace, packed_only=True,
+                                 kernels=kernels)
                 for e in loose:
                     _set_param(layers[i], e.name, materialize(e, slot.buffer).clone())
+                if not any(isinstance(m, PackedLinear) for m in layers[i].modules()):
+                    slot.buffer = None  # all in kernel form now: the packed bytes can go
             else:
                 loose = _install(layers[i], layer_packed.entries, slot, workspace)
                 packed.append(layer_packed)

@@ -16,8 +16,25 @@ os.environ["SPECEXEC_CONFIG"] = tempfile.mkdtemp(prefix="specexec-test-config-")
 
 
 @pytest.fixture(scope="session")
-def source():
-    return resolve(DEFAULT_MODEL)  # converts the GGUF once into the user cache
+def gguf_source():
+    """The default model as the app loads it: the shipped GGUF file."""
+    return resolve(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def source(gguf_source, tmp_path_factory):
+    """The default model as a float32 safetensors folder (the tests' reference and the checkpoint
+    they quantize, stream and copy), expanded from the GGUF once per session (our dequantizers
+    are bit-exact against the gguf package's, tests/test_formats.py)."""
+    from specexec_app.loading.session import _load_target
+    from specexec_app.loading.sources import ModelSource
+
+    folder = tmp_path_factory.mktemp("smollm2-f32") / "SmolLM2-135M-Instruct"
+    model, _ = _load_target(gguf_source, torch.device("cpu"), "never", 16, None, lambda _: None,
+                            None, 0, False, 0, 1)
+    model.save_pretrained(folder)
+    load_tokenizer(gguf_source).save_pretrained(folder)
+    return ModelSource(DEFAULT_MODEL, str(folder))
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ class LoadSpec:
     target: str = "default"
     draft: str = "ngram"
     device: str = "auto"
-    quant: int = 16
+    quant: int | None = None       # None: as the checkpoint stores them (GGUF blocks, 16-bit)
     offload: str = "auto"
     gpu_memory: int | None = None  # bytes the target may take; None: what is free
     drafter: str = "auto"
@@ -42,7 +42,8 @@ class LoadSpec:
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"--{name} must name a model (got {value!r})")
         check_device(self.device)
-        check_choice(self.quant, "--quant", QUANTS)
+        if self.quant is not None:
+            check_choice(self.quant, "--quant", QUANTS)
         check_choice(self.offload, "--offload", OFFLOADS)
         check_choice(self.drafter, "--drafter", DRAFTERS)
         check_range(self.budget, "--budget", 1, MAX_BUDGET)
@@ -108,7 +109,7 @@ def resolve(given: dict, choice=None, preset_of=None) -> RunConfig:
     load = LoadSpec(target=preset.target if preset else name,
                     draft=draft_preset.draft if draft_preset else draft,
                     device=check_device(given.get("device") or "auto"),
-                    quant=pick("quant", 16), offload=pick("offload", "auto"),
+                    quant=pick("quant", None), offload=pick("offload", "auto"),
                     gpu_memory=parse_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory,
                     drafter=pick("drafter", "auto"), context=given.get("context"),
                     budget=budget, trust_remote_code=bool(given.get("trust_remote_code")))

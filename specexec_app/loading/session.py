@@ -79,19 +79,23 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(check_device(name))
 
 
-def _load_target(src, dev: torch.device, offload: str, quant: int, gpu_memory: int | None,
+def _load_target(src, dev: torch.device, offload: str, quant: int | None, gpu_memory: int | None,
                  status: Status, progress: OnLayer | None, draft_bytes: int,
                  trust_remote_code: bool, context: int, tree_budget: int):
     """The target, resident where it fits, else with its decoder layers streamed (offload/);
     `draft_bytes` of the device are left to the draft, and room is kept for a `context`-token
     KV cache and `tree_budget`-node trees. A checkpoint is read layer by layer as it is placed
     (never held whole in RAM, nor expanded to 16 bits): a safetensors folder, a folder of
-    `specexec quantize`, a GGUF file (its blocks stay packed). Returns (model, offloaded): the
+    `specexec quantize`, a GGUF file (its blocks stay packed; on a CPU the packed kernels compute
+    from them). `quant` None: the weights as the checkpoint stores them (16 bits for a float
+    one); 16 with a GGUF: its blocks expanded at load. Returns (model, offloaded): the
     `offload.Offloaded` placement and streamer, or None when the whole model is resident."""
     from offload.loader import load_offloaded
     from offload.packed import is_packed
 
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    if not src.gguf_file and quant is None:
+        quant = 16
     if offload == "never" and quant == 16 and not is_packed(src.path) and not src.gguf_file:
         return load_model(src, dev, dtype=dtype, trust_remote_code=trust_remote_code), None
     # The draft when it shares the device, and what the allocator and CUDA's workspaces take.

