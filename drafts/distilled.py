@@ -70,8 +70,10 @@ def probe_matches(model, probe: dict) -> bool:
 
 
 def _plain(module: nn.Module) -> bool:
-    """A layer whose weights are real tensors here (not streamed, not quantized)."""
-    return all(p.device.type != "meta" and p.dtype.is_floating_point for p in module.parameters())
+    """A layer whose weights are real tensors here (not streamed, not quantized, not in the CPU
+    kernels' packed form)."""
+    return all(p.device.type != "meta" and p.dtype.is_floating_point for p in module.parameters()) \
+        and set(module.state_dict()) == {name for name, _ in module.named_parameters()}
 
 
 def check_layers(target, n_layers: int) -> None:

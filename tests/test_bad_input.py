@@ -141,9 +141,11 @@ def test_quantize_never_overwrites_its_source_and_cleans_a_failed_write(source, 
     assert {p.name: p.stat().st_size for p in src.iterdir()} == before
 
 
-def test_distill_refuses_its_target_and_never_unpickles(source, tmp_path):
-    one_line_error(runner.invoke(app, ["distill", "--out", source.path, "--steps", "1"]),
+def test_distill_refuses_its_target_and_never_unpickles(source, gguf_source, tmp_path):
+    one_line_error(runner.invoke(app, ["distill", "--out", gguf_source.path, "--steps", "1"]),
                    "is the source model's folder")
+    one_line_error(runner.invoke(app, ["distill", "--target", source.path, "--out", source.path,
+                                       "--steps", "1"]), "is the source model's folder")
     # A planted pickle where distill keeps its data: never loaded (the data are safetensors),
     # and a planted safetensors file that is not ours is a one-line error, not code run.
     from specexec_app.tools.distill import _load

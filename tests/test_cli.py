@@ -94,7 +94,8 @@ def test_run_stats_json(tmp_path):
 
 def test_raw_greedy_stdout_is_exactly_the_continuation(model, tokenizer):
     prompt = "The three primary colors are"
-    proc = subprocess.run([sys.executable, "-m", "specexec_app", "run", prompt, "--raw",
+    # --quant 16: the GGUF expanded to float32, the weights of the `model` fixture
+    proc = subprocess.run([sys.executable, "-m", "specexec_app", "run", prompt, "--raw", "--quant", "16",
                            "--temperature", "0", "--max-new-tokens", "24", "--budget", "16"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -108,12 +109,13 @@ def test_raw_greedy_stdout_is_exactly_the_continuation(model, tokenizer):
     assert proc.stdout == tokenizer.decode(new, skip_special_tokens=True)
 
 
-def test_offloaded_4bit_run_reports_its_placement():
-    result = invoke("Say hello.", "--offload", "always", "--quant", "4", "--max-new-tokens", "8")
+def test_offloaded_4bit_run_reports_its_placement(source):
+    result = invoke("Say hello.", "--target", source.path, "--offload", "always", "--quant", "4",
+                    "--max-new-tokens", "8")
     assert result.exit_code == 0, result.output
     assert "0 resident + 30 streamed layers, 4-bit" in result.stderr
-    # RAM kept for the KV cache of the default context (8192) and the preset's budget (8).
-    assert "kept for the KV cache of 8192 tokens and 8-node trees" in result.stderr
+    # RAM kept for the KV cache of the default context (8192) and the default budget (32).
+    assert "kept for the KV cache of 8192 tokens and 32-node trees" in result.stderr
     assert result.stdout.strip()
 
 
@@ -123,8 +125,17 @@ def test_offloaded_4bit_run_reports_its_placement():
     (["hi", "--offload", "disk", "--quant", "4"], "cannot stream from disk at 4 bits"),
     (["hi", "--gpu-memory", "lots"], "cannot read the size 'lots'"),
 ])
-def test_bad_offload_options(args, needle):
-    assert_one_line_error(invoke(*args), needle)
+def test_bad_offload_options(args, needle, source):
+    assert_one_line_error(invoke(*args, "--target", source.path), needle)
+
+
+def test_quant_on_a_gguf_is_refused_or_expands_it():
+    """The default model is a GGUF: --quant 4 or 8 would quantize a quantized model (refused);
+    --quant 16 expands its blocks to float32 at load."""
+    assert_one_line_error(invoke("hi", "--quant", "4"), "is already quantized (GGUF); --quant 4 "
+                          "does not apply")
+    result = invoke("Say hi.", "--quant", "16", "--max-new-tokens", "4")
+    assert result.exit_code == 0 and result.stdout.strip(), result.output
 
 
 def test_resolve_names_a_gguf_file_and_a_folder(source):

@@ -175,7 +175,7 @@ def test_greedy_specexec_on_the_kernels_equals_their_own_greedy(kernel_model, to
     from drafts import ModelDrafter, NgramDrafter
     from drafts.distilled import load_draft
     from specexec_app.loading.sources import SHIPPED_DRAFTS
-    from test_exactness import PROMPTS, reference, run
+    from test_exactness import NEW, PROMPTS, run
 
     stops = {tokenizer.eos_token_id}
     if draft == "ngram":
@@ -185,7 +185,10 @@ def test_greedy_specexec_on_the_kernels_equals_their_own_greedy(kernel_model, to
         drafter = ModelDrafter(dmodel, kernel_model.config.vocab_size, stop_ids=frozenset(stops))
     for prompt in PROMPTS[:2]:
         ids = chat_ids(prompt)
-        ref = reference(kernel_model, ids, stops)
+        with torch.inference_mode():  # (not test_exactness.reference: it caches the float model's)
+            ref = kernel_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        max_new_tokens=NEW, do_sample=False)[0, len(ids):].tolist()
+        ref = ref[:next((i for i, t in enumerate(ref) if t in stops), len(ref))]
         done = run(kernel_model, drafter, ids, stops, tokenizer, budget=budget)
         assert done.token_ids, prompt
         assert_same_greedy_within_noise(kernel_model, ids, done.token_ids, ref)

@@ -84,10 +84,11 @@ def test_options_win_over_the_profile_which_wins_over_defaults():
     assert (c.decode.budget, c.load.quant, c.load.offload, c.load.gpu_memory) == (4, 16, "never",
                                                                                   12 * 2**30)
     c = resolve({"target": "/some/other/model"}, prof)  # tuned for another target
-    assert (c.decode.budget, c.load.quant, c.load.offload, c.from_profile) == (32, 16, "auto", False)
+    # (quant None: as the checkpoint stores them)
+    assert (c.decode.budget, c.load.quant, c.load.offload, c.from_profile) == (32, None, "auto", False)
     c = resolve({}, None)  # no profile: the default preset's budget
     assert (c.load.target, c.decode.budget, c.load.quant, c.load.offload, c.load.drafter) == (
-        "smollm2-135m-instruct", 8, 16, "auto", "auto")
+        "smollm2-135m-instruct", 8, None, "auto", "auto")
     assert c.sources["budget"] == "preset" and resolve({"budget": 3}, None).sources["budget"] == "option"
 
 

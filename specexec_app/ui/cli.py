@@ -385,7 +385,9 @@ def distill(
         settings = DistillSettings(layers=layers, steps=steps, batch=batch, lr=lr, mode=mode,
                                    temperature=temperature, max_new_tokens=max_new_tokens,
                                    prompts=max_prompts, heldout=heldout, seed=seed)
-        config = resolve(dict(target=target, draft="ngram", device=device,
+        # The teacher in dense weights (a GGUF expanded at load): the draft trains through its
+        # head, which the CPU's packed kernels have no gradient for.
+        config = resolve(dict(target=target, draft="ngram", device=device, quant=16,
                               trust_remote_code=trust_remote_code))
         check_out_folder(out, [Path(find_model(config.load.target).path)], force,
                          own="specexec_draft.json")
@@ -448,9 +450,10 @@ def quantize(
             raise UserError(f"--quant must be 8 or 4 for a packed checkpoint (got {quant})")
         preset = get_preset(target)
         src = resolve(preset.target if preset else target)
-        if src.gguf_file:
-            raise UserError(f"{target} is a GGUF file; quantize a safetensors folder")
         check_out_folder(out, [Path(src.path)], force)
+        if src.gguf_file:
+            raise UserError(f"{target} is a GGUF model, already quantized: it runs as it is "
+                            "(`specexec run --target ...`); quantize a safetensors folder")
         check_checkpoint(Path(src.path))
         out = out.expanduser()
         parent = out.absolute().parent
