@@ -125,3 +125,35 @@ def test_our_attention_computes_what_sdpa_computes(model, chat_ids):
         model.set_attn_implementation(ATTENTION)
     assert model.model.layers[0].self_attn.num_key_value_groups > 1  # the grouped path ran
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_cache_grows_in_place_and_holds_what_concatenation_would():
+    """New entries are written into room kept at the end of each layer's buffers (no copy of the
+    whole cache a pass): the buffer stays the same while it has room, doubles when full; after a
+    truncation or a commit the layer still holds exactly what concatenating would."""
+    from specexec_app.core.kvcache import MIN_ROOM, GrowingLayer, keep_slots, new_cache, truncate
+
+    cache = new_cache()
+    gen = torch.Generator().manual_seed(0)
+    want_k = torch.empty(1, 2, 0, 4)
+    want_v = torch.empty(1, 2, 0, 4)
+    buffers = set()
+    for step in range(40):
+        k, v = torch.randn(1, 2, 7, 4, generator=gen), torch.randn(1, 2, 7, 4, generator=gen)
+        got_k, got_v = cache.update(k, v, 0)
+        want_k, want_v = torch.cat([want_k, k], -2), torch.cat([want_v, v], -2)
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+        buffers.add(cache.layers[0].room_k.data_ptr())
+        if step == 10:
+            truncate(cache, 50)
+            want_k, want_v = want_k[..., :50, :], want_v[..., :50, :]
+        if step == 20:
+            keep_slots(cache, 30, [40, 33, 31])
+            index = torch.tensor([40, 33, 31])
+            want_k = torch.cat([want_k[..., :30, :], want_k.index_select(-2, index)], -2)
+            want_v = torch.cat([want_v[..., :30, :], want_v.index_select(-2, index)], -2)
+            assert torch.equal(cache.layers[0].keys, want_k)
+    assert isinstance(cache.layers[0], GrowingLayer)
+    assert cache.layers[0].room_k.shape[-2] >= MIN_ROOM
+    # 40 passes of 7 entries grew the buffers twice at most (256 -> 512), never per pass
+    assert len(buffers) <= 3

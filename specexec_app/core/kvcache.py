@@ -4,11 +4,48 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+MIN_ROOM = 256  # positions a layer's buffers hold at first
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values are views [..., :length, :] of buffers
+    with room to grow: a pass writes its new entries in place, and the buffers are reallocated
+    (twice as large) only when full. transformers' DynamicLayer concatenates instead, copying the
+    whole cache of every layer on every pass: at 8k tokens of SmolLM2-135M, 377 MB a token."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.room_k = self.room_v = None
+        n, add = self.get_seq_length(), key_states.shape[-2]
+        # The views truncate() and the commit leave are still views of the buffers' start.
+        if self.room_k is None or n + add > self.room_k.shape[-2] or \
+                (n and self.keys.data_ptr() != self.room_k.data_ptr()):
+            size = max(MIN_ROOM, 2 * (n + add))
+            shape = (*key_states.shape[:-2], size, key_states.shape[-1])
+            room_k = key_states.new_empty(shape)
+            room_v = value_states.new_empty((*shape[:-1], value_states.shape[-1]))
+            if n:
+                room_k[..., :n, :] = self.keys
+                room_v[..., :n, :] = self.values
+            self.room_k, self.room_v = room_k, room_v
+        self.room_k[..., n:n + add, :] = key_states
+        self.room_v[..., n:n + add, :] = value_states
+        self.keys, self.values = self.room_k[..., :n + add, :], self.room_v[..., :n + add, :]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self.room_k = self.room_v = None
+        super().reset()
 
 
 def new_cache() -> DynamicCache:
-    # No config: every layer is a plain full-attention DynamicLayer, which the commit below can edit.
-    return DynamicCache()
+    # No config: every layer a full-attention GrowingLayer, which the commit below can edit.
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowingLayer
+    return cache
 
 
 def cache_len(cache: DynamicCache) -> int:
