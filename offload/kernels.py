@@ -31,6 +31,7 @@ from .store import Entry, entry_parts
 KERNEL_DTYPE = torch.bfloat16
 GROUPS = (32, 64, 128, 256)  # the group sizes `_weight_int4pack_mm_for_cpu` takes
 ROW_MULTIPLE = 16            # `_convert_weight_to_int4pack_for_cpu` wants N % 16 == 0
+PACK_BLOCK = 64              # ... and interleaves the rows of each block of 64
 
 
 def available() -> bool:
@@ -77,6 +78,81 @@ class KernelLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "int8" if self.int8 else f"{len(self.groups)} x int4 (groups of {self.groups[0]})"
         return f"{self.in_features} -> {self.out_features}, {kind}"
+
+
+# Linear modules of one parent that take the same input (a Llama layer's attention and MLP):
+# on a CPU one kernel call over their rows side by side costs less than one call each.
+FUSE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse(linears: list[KernelLinear]) -> KernelLinear | None:
+    """One KernelLinear whose outputs are those of `linears` side by side (the packed rows and
+    their scales concatenated: the int4 packing interleaves rows within blocks of PACK_BLOCK, so
+    each member's rows must fill whole blocks; tested), or None when their forms differ."""
+    first = linears[0]
+    if any(m.in_features != first.in_features or m.groups != first.groups or m.int8 != first.int8
+           or m.bias is not None or (m.groups and m.out_features % PACK_BLOCK) for m in linears):
+        return None
+    int4 = [(torch.cat([getattr(m, f"packed{k}") for m in linears]),
+             torch.cat([getattr(m, f"scales_zeros{k}") for m in linears], dim=1), group)
+            for k, group in enumerate(first.groups)]
+    int8 = (torch.cat([m.q8 for m in linears]), torch.cat([m.scale8 for m in linears])) \
+        if first.int8 else None
+    return KernelLinear(sum(m.out_features for m in linears), first.in_features, int4, int8)
+
+
+class Shared(nn.Module):
+    """A fused KernelLinear computed once for an input that its slices all receive: the first
+    slice called computes it, the others take their part; the result is dropped when every
+    slice has had it (a different input is simply computed again: always correct)."""
+
+    def __init__(self, linear: KernelLinear, n_slices: int):
+        super().__init__()
+        self.linear, self.n_slices = linear, n_slices
+        self._last: list = []  # [input, output, slices still to take it]
+
+    def part(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        if not self._last or self._last[0] is not x:
+            self._last = [x, self.linear(x), self.n_slices]
+        out = self._last[1][..., start:end]
+        self._last[2] -= 1
+        if self._last[2] == 0:
+            self._last = []
+        return out
+
+
+class KernelSlice(nn.Module):
+    """Stands in for one of the fused Linear modules: its rows of the shared product."""
+
+    def __init__(self, shared: Shared, start: int, end: int, owner: bool):
+        super().__init__()
+        self.start, self.end = start, end
+        self.in_features, self.out_features = shared.linear.in_features, end - start
+        if owner:  # registered once, so that its buffers are counted and moved once
+            self.shared = shared
+        self._refs = [shared]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._refs[0].part(x, self.start, self.end)
+
+    def extra_repr(self) -> str:
+        return f"rows {self.start}..{self.end} of a fused {self._refs[0].linear.extra_repr()}"
+
+
+def fuse_siblings(layer: nn.Module) -> None:
+    """Replace each group of FUSE siblings that are all KernelLinear by slices of one fused one."""
+    for parent in layer.modules():
+        for names in FUSE:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, KernelLinear) for m in members):
+                continue
+            fused = fuse(members)
+            if fused is None:
+                continue
+            shared, at = Shared(fused, len(names)), 0
+            for i, (name, m) in enumerate(zip(names, members)):
+                setattr(parent, name, KernelSlice(shared, at, at + m.out_features, owner=i == 0))
+                at += m.out_features
 
 
 # --- packed formats as 4-bit terms: (codes 0..15, scale, zero) with w = sum (codes - 8) s + z ---

@@ -175,6 +175,10 @@ def _install(layer: nn.Module, entries: list[Entry], slot: Slot, workspace: Work
             linear = PackedLinear(weight, bias, slot, workspace)
         setattr(parent, name.rpartition(".")[2], linear)
         used |= {weight.name} | ({bias.name} if bias else set())
+    if kernels:
+        from .kernels import fuse_siblings
+
+        fuse_siblings(layer)
     return [e for e in entries if e.name not in used]
 
 

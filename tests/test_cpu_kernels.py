@@ -79,6 +79,42 @@ def test_a_wrong_code_is_caught():
     assert (err > _bf16_bound(x, w, 1)).any()
 
 
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_siblings_fused_in_one_kernel_call_give_each_its_own_product(qtype):
+    """q, k and v (gate and up) computed in one call over their rows side by side: each slice is
+    bit for bit what its own KernelLinear gives, computed once per input."""
+    from torch import nn
+
+    from offload.kernels import KernelSlice, fuse_siblings
+
+    parent = nn.Module()
+    alone = {}
+    for name, rows in (("q_proj", 128), ("k_proj", 64), ("v_proj", 64)):
+        data = random_blocks(qtype, rows, 128, scale=0.01)
+        buffer = torch.from_numpy(data.reshape(-1).copy())
+        entry = Entry(name, (rows, 128), torch.float32, "gguf",
+                      ((0, buffer.numel(), torch.uint8, (buffer.numel(),)),), (qtype, 0))
+        alone[name] = kernel_weights(entry, buffer)
+        setattr(parent, name, kernel_weights(entry, buffer))
+    fuse_siblings(parent)
+    assert isinstance(parent.q_proj, KernelSlice)
+    x = torch.randn(3, 128)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(parent, name)(x), alone[name](x)), name
+    assert not parent.q_proj.shared._last  # dropped once every slice took its part
+    y = torch.randn(2, 128)  # a slice called alone with another input still computes it
+    assert torch.equal(parent.v_proj(y), alone["v_proj"](y))
+    # Rows that do not fill the packing's blocks of 64 are left unfused (it would mix them up).
+    odd = nn.Module()
+    data = torch.from_numpy(random_blocks(qtype, 48, 128).reshape(-1).copy())
+    odd.gate_proj = alone["q_proj"]
+    odd.up_proj = kernel_weights(Entry("u", (48, 128), torch.float32, "gguf",
+                                       ((0, data.numel(), torch.uint8, (data.numel(),)),),
+                                       (qtype, 0)), data)
+    fuse_siblings(odd)
+    assert not isinstance(odd.gate_proj, KernelSlice)
+
+
 def test_int8_rows_use_the_int8_kernel():
     q = torch.randint(-127, 128, (48, 96), dtype=torch.int8)
     scale = torch.rand(48, 1) * 0.01
@@ -150,13 +186,16 @@ def test_the_default_gguf_runs_on_the_kernels_close_to_its_float_weights(kernel_
     """Every matrix of the shipped Q4_1 model (the Q8_0 head too) in kernel form, no float copy of
     them kept; its logits follow the float32 model of the same weights: the same next token
     nearly everywhere and logits within the drift of bf16 activations over 30 layers."""
-    from offload.kernels import KernelLinear
+    from offload.kernels import KernelLinear, KernelSlice
     from offload.model import PackedLinear
 
-    linears = [m for m in kernel_model.modules() if isinstance(m, (KernelLinear, PackedLinear,
-                                                                   torch.nn.Linear))]
-    assert linears and all(isinstance(m, KernelLinear) for m in linears), set(map(type, linears))
-    assert len(linears) == 30 * 7 + 1
+    assert not any(isinstance(m, (PackedLinear, torch.nn.Linear)) for m in kernel_model.modules())
+    for layer in kernel_model.model.layers:  # q, k, v in one kernel call, gate and up in another
+        attn, mlp = layer.self_attn, layer.mlp
+        assert all(isinstance(m, KernelSlice) for m in (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                         mlp.gate_proj, mlp.up_proj))
+        assert isinstance(attn.o_proj, KernelLinear) and isinstance(mlp.down_proj, KernelLinear)
+    assert isinstance(kernel_model.lm_head, KernelLinear)
     ids = chat_ids("Explain in two sentences why the sky is blue, then list three colours.")
     with torch.inference_mode():
         got = kernel_model(torch.tensor([ids])).logits[0].float()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -13,7 +15,12 @@ class GrowingLayer(DynamicLayer):
     """A full-attention cache layer whose keys and values are views [..., :length, :] of buffers
     with room to grow: a pass writes its new entries in place, and the buffers are reallocated
     (twice as large) only when full. transformers' DynamicLayer concatenates instead, copying the
-    whole cache of every layer on every pass: at 8k tokens of SmolLM2-135M, 377 MB a token."""
+    whole cache of every layer on every pass: at 8k tokens of SmolLM2-135M, 377 MB a token.
+    `limit` (the positions the plan keeps memory for) caps the doubling."""
+
+    def __init__(self, limit: int | None = None):
+        super().__init__()
+        self.limit = limit
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -24,6 +31,8 @@ class GrowingLayer(DynamicLayer):
         if self.room_k is None or n + add > self.room_k.shape[-2] or \
                 (n and self.keys.data_ptr() != self.room_k.data_ptr()):
             size = max(MIN_ROOM, 2 * (n + add))
+            if self.limit:
+                size = max(n + add, min(size, self.limit))
             shape = (*key_states.shape[:-2], size, key_states.shape[-1])
             room_k = key_states.new_empty(shape)
             room_v = value_states.new_empty((*shape[:-1], value_states.shape[-1]))
@@ -41,10 +50,11 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
 
-def new_cache() -> DynamicCache:
-    # No config: every layer a full-attention GrowingLayer, which the commit below can edit.
+def new_cache(limit: int | None = None) -> DynamicCache:
+    """No config: every layer a full-attention GrowingLayer (at most `limit` positions of room,
+    beyond what a pass needs), which the commit below can edit."""
     cache = DynamicCache()
-    cache.layer_class_to_replicate = GrowingLayer
+    cache.layer_class_to_replicate = functools.partial(GrowingLayer, limit)
     return cache
 
 
@@ -90,8 +100,9 @@ class TokenCache:
     tokens, at least one, so that a forward pass can produce the distribution after `tokens`).
     """
 
-    def __init__(self) -> None:
-        self.cache = new_cache()
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit  # positions the plan keeps room for (context and a tree)
+        self.cache = new_cache(limit)
         self.tokens: list[int] = []
 
     def common_prefix(self, tokens: list[int]) -> int:
@@ -115,5 +126,5 @@ class TokenCache:
         self.tokens = self.tokens + list(tokens)
 
     def reset(self) -> None:
-        self.cache = new_cache()
+        self.cache = new_cache(self.limit)
         self.tokens = []

@@ -138,7 +138,9 @@ class Target:
         self.name = name
         self.max_context = model_context(model.config)
         self.context_length = min(self.max_context, context) if context else self.max_context
-        self.kv = TokenCache()
+        # Room for the context and a tree of the planned budget (a larger tree grows it).
+        planned = offloaded.placement.tree_budget if offloaded is not None else 0
+        self.kv = TokenCache(self.context_length + planned + 1)
         self._pending: list[int] = []
         self.device = model_device(model)
         self.streamer = offloaded.streamer if offloaded is not None else None

@@ -125,9 +125,13 @@ def predict(run: Run, times: dict[int, float]) -> dict:
 
 # ---- choices ------------------------------------------------------------------------------
 
-def choose_quant(params: int, ram_free: int, device: torch.device) -> tuple[int, str]:
+def choose_quant(params: int, ram_free: int, device: torch.device,
+                 gguf: bool = False) -> tuple[int | None, str]:
     """The most precise weights that fit host RAM with room to spare (the exact target is the
-    quantized one you pick: 16-bit unless RAM forbids it)."""
+    quantized one you pick: 16-bit unless RAM forbids it); a GGUF model as its blocks are (None:
+    on a CPU the packed kernels compute from them)."""
+    if gguf:
+        return None, "the GGUF's own blocks (on a CPU, computed by the packed kernels)"
     if device.type == "cpu":
         need = params * 4  # the CPU computes in float32
         if need <= 0.8 * ram_free:
@@ -166,9 +170,10 @@ def tune(spec: LoadSpec, name: str, gpu_memory: str | None, quant_given: bool, d
     params = count_params(folder, src.gguf_file)
     why_quant = "given"
     if not quant_given:
-        quant, why_quant = choose_quant(params, int(machine.ram_free_gb * GB), dev)
+        quant, why_quant = choose_quant(params, int(machine.ram_free_gb * GB), dev,
+                                        gguf=bool(src.gguf_file))
         spec = replace(spec, quant=quant)
-    say(f"loading {name} ({spec.quant}-bit)")
+    say(f"loading {name} ({f'{spec.quant}-bit' if spec.quant else 'as stored'})")
     pipe = load(spec)
     candidates = [pipe.draft_name] + ([] if draft_given else other_drafts(pipe, dev, gpu_memory))
     drafters = {pipe.draft_name: pipe.drafter}

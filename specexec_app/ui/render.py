@@ -79,7 +79,8 @@ def show_profile(out: Console, p: Profile) -> None:
     ch = p.choice
     pred, meas = p.predicted_tokens_per_s, p.measured_tokens_per_s
     gap = (meas - pred) / pred * 100 if pred else 0
-    out.print(f"choice: {ch.target} + {ch.draft}, {ch.quant}-bit ({p.target.quant_reason}), offload "
+    weights = f"{ch.quant}-bit" if ch.quant else "weights as stored"
+    out.print(f"choice: {ch.target} + {ch.draft}, {weights} ({p.target.quant_reason}), offload "
               f"{ch.offload}, drafter {ch.drafter}, budget {ch.budget}, overlap "
               f"{'on' if ch.overlap else 'off'}", soft_wrap=True, markup=False)
     if p.draft.placement_reason:
