@@ -51,6 +51,7 @@ def cli(*args, input=None, env=None, limit_bytes=None, timeout=300):
     (["run", "hi", "--stats-json", "/proc/version"], "no file can be made in /proc"),
     (["run", "hi", "--stats-json", __file__ + "/s.json"], "is a file, not a folder"),
     (["chat", "--temperature", "inf"], "--temperature must be a finite number"),
+    (["run", "hi", "--threads", "0"], "--threads must be at least 1"),
     (["serve", "--port", "70000"], "--port must be in 0..65535"),
     (["bench", "--out", "/dev/null"], "is a file, not a folder"),
     (["quantize", "--out", "/dev/null"], "is a file, not a folder"),

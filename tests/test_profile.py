@@ -4,6 +4,7 @@ import json
 import tomllib
 
 import psutil
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -42,6 +43,10 @@ def test_profile_measures_tunes_saves_and_run_uses_it(config, tmp_path):
     assert best["tokens_per_s"] == max(r["tokens_per_s"] for r in data["calibration"])  # ties allowed
     # The default model is a GGUF: kept in its blocks (the CPU's packed kernels), not float32.
     assert "quant" not in data["choice"] and "GGUF" in data["target"]["quant_reason"]
+    # CPU threads: every count timed, the fastest chosen (and set for the run that follows).
+    timed = data["target"]["threads_pass_ms"]
+    assert "1" in timed and str(psutil.cpu_count()) in timed
+    assert data["choice"]["threads"] == int(min(timed, key=timed.get))
     assert data["choice"]["overlap"] is False  # on a CPU drafting and verifying share the cores
     assert data["predicted_tokens_per_s"] > 0 and data["measured_tokens_per_s"] > 0
     assert "predicted" in result.output and "measured" in result.output
@@ -52,11 +57,18 @@ def test_profile_measures_tunes_saves_and_run_uses_it(config, tmp_path):
     # run takes the profile's budget; an option overrides it.
     data["choice"]["budget"] = 5
     save_profile(Profile.from_dict(data))
-    for extra, budget in (([], 5), (["--budget", "3"], 3)):
-        out = tmp_path / "s.json"
-        r = runner.invoke(app, ["run", "Hi", "--max-new-tokens", "4", "--stats-json", str(out), *extra])
-        assert r.exit_code == 0, r.output
-        assert json.loads(out.read_text())["budget"] == budget
+    data["choice"]["threads"] = 1
+    save_profile(Profile.from_dict(data))
+    threads = torch.get_num_threads()
+    try:
+        for extra, budget, want in (([], 5, 1), (["--budget", "3", "--threads", "2"], 3, 2)):
+            out = tmp_path / "s.json"
+            r = runner.invoke(app, ["run", "Hi", "--max-new-tokens", "4", "--stats-json", str(out), *extra])
+            assert r.exit_code == 0, r.output
+            assert json.loads(out.read_text())["budget"] == budget
+            assert torch.get_num_threads() == want  # the profile's threads, unless an option says
+    finally:
+        torch.set_num_threads(threads)
 
     assert runner.invoke(app, ["profile", "--reset"]).exit_code == 0
     assert not config.exists()

@@ -46,6 +46,7 @@ class Choice:
     overlap: bool | None = None
     device: str = "auto"
     gpu_memory: str | None = None
+    threads: int | None = None  # CPU threads for the model's math, timed by the profile
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TargetReport:
     quant_reason: str = ""
     placement: str = ""
     pass_ms: dict = field(default_factory=dict)  # tree nodes (as text) -> ms
+    threads_pass_ms: dict = field(default_factory=dict)  # CPU threads (as text) -> ms of two passes
 
 
 @dataclass

@@ -34,6 +34,7 @@ class LoadSpec:
     drafter: str = "auto"
     context: int | None = None     # None: the default context, at most the model's
     budget: int = DEFAULT_BUDGET   # the largest tree the placement keeps memory for
+    threads: int | None = None     # CPU threads for the model's math; None: torch's default
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -51,6 +52,8 @@ class LoadSpec:
             check_range(self.context, "--context", 2, MAX_CONTEXT)
         if self.gpu_memory is not None:
             check_range(self.gpu_memory, "--gpu-memory", 1, 1 << 50)
+        if self.threads is not None:
+            check_range(self.threads, "--threads", 1, 4096)
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ def resolve(given: dict, choice=None, preset_of=None) -> RunConfig:
                     quant=pick("quant", None), offload=pick("offload", "auto"),
                     gpu_memory=parse_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory,
                     drafter=pick("drafter", "auto"), context=given.get("context"),
-                    budget=budget, trust_remote_code=bool(given.get("trust_remote_code")))
+                    budget=budget, threads=pick("threads", None),
+                    trust_remote_code=bool(given.get("trust_remote_code")))
     decode = DecodeSettings(budget=budget, temperature=pick("temperature", 0.0),
                             top_p=pick("top_p", 1.0), max_new_tokens=pick("max_new_tokens", 256),
                             seed=given.get("seed"), overlap=pick("overlap", False))

@@ -129,6 +129,8 @@ def build(spec: LoadSpec, status: Status = _quiet, progress: OnLayer | None = No
     started = time.perf_counter()
     context = spec.context or DEFAULT_CONTEXT
     dev = pick_device(spec.device)
+    if spec.threads:  # process-wide; a CPU draft beside a GPU sets its own below
+        torch.set_num_threads(spec.threads)
     if spec.drafter == "gpu" and dev.type != "cuda":
         raise UserError("--drafter gpu: the target runs on the CPU here (no CUDA GPU in use)")
     ddev = torch.device("cpu") if spec.drafter == "cpu" else dev

@@ -146,6 +146,24 @@ def choose_quant(params: int, ram_free: int, device: torch.device,
                 "of free RAM: the layers that do not fit stream from disk")
 
 
+def choose_threads(target, context: list[int], budget: int) -> tuple[int, dict[str, float]]:
+    """The CPU thread count (torch's intra-op threads, process-wide) at which a one-token pass
+    plus a `budget`-node tree pass take least time on this machine, among 1, the physical cores
+    and the logical ones; left set. Returns it and the ms of that pair at each count."""
+    import psutil
+
+    counts = sorted({1, psutil.cpu_count(logical=False) or 1, psutil.cpu_count() or 1,
+                     torch.get_num_threads()})
+    ms = {}
+    for n in counts:
+        torch.set_num_threads(n)
+        times = pass_times(target, context, [0, budget])
+        ms[str(n)] = round(1000 * (times[0] + times[budget]), 2)
+    best = min(counts, key=lambda n: ms[str(n)])
+    torch.set_num_threads(best)
+    return best, ms
+
+
 def profile_candidates(device: torch.device, quick: bool) -> list[int]:
     if device.type == "cpu":
         return [1, 8] if quick else [1, 4, 8, 16]
@@ -185,8 +203,13 @@ def tune(spec: LoadSpec, name: str, gpu_memory: str | None, quant_given: bool, d
     prefix = pipe.encode(calib[0])
     budgets = profile_candidates(dev, quick)
     sizes = sorted({0, 1, *budgets, 2 * max(budgets)})
+    context = prefix + prefix[-1:] * (max_new // 2)
+    threads, threads_ms = spec.threads, {}
+    if dev.type == "cpu" and threads is None:
+        say("timing target passes at each thread count")
+        threads, threads_ms = choose_threads(pipe.target, context, max(budgets))
     say("timing target passes")
-    times = pass_times(pipe.target, prefix + prefix[-1:] * (max_new // 2), sizes)
+    times = pass_times(pipe.target, context, sizes)
 
     rows = []
     for name_d in candidates:
@@ -221,12 +244,13 @@ def tune(spec: LoadSpec, name: str, gpu_memory: str | None, quant_given: bool, d
     drafter, why_drafter = choose_drafter(pipe, machine, speed, best, dparams)
     choice = Choice(target=name, draft=pipe.draft_name, quant=spec.quant, offload=spec.offload,
                     drafter=drafter, budget=best["budget"], overlap=overlap, device=dev.type,
-                    gpu_memory=gpu_memory)
+                    gpu_memory=gpu_memory, threads=threads)
     return Profile(
         created=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine,
         target=TargetReport(name=name, parameters=params, quant_reason=why_quant,
                             placement=pipe.placement_text(),
-                            pass_ms={str(n): round(t * 1000, 2) for n, t in times.items()}),
+                            pass_ms={str(n): round(t * 1000, 2) for n, t in times.items()},
+                            threads_pass_ms=threads_ms),
         draft=DraftReport(name=pipe.draft_name, parameters=dparams, speed=speed,
                           placement_reason=why_drafter),
         calibration=[{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}

@@ -20,6 +20,7 @@ OffloadOpt = Annotated[Optional[str], typer.Option(show_default=False, help="aut
 QuantOpt = Annotated[Optional[int], typer.Option(show_default=False, help="Target weights: 16, 8 (int8) or 4 (NF4) bits. Default: the profile's, else as the checkpoint stores them (a GGUF's own blocks, which a CPU computes from directly; --quant 16 expands them at load).")]
 GpuMemoryOpt = Annotated[Optional[str], typer.Option(show_default=False, help="GPU memory the target may use, e.g. 24GiB. Default: the profile's, else what is free.")]
 DrafterOpt = Annotated[Optional[str], typer.Option("--drafter", show_default=False, help="Where a draft model runs: auto (with the target), gpu or cpu. Default: the profile's, else auto.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", show_default=False, help="CPU threads for the model's math (torch intra-op). Default: the profile's (it times the choices), else torch's (the physical cores).")]
 ContextOpt = Annotated[Optional[int], typer.Option("--context", "-c", show_default=False, help="Most tokens a conversation holds (prompt and replies); memory for the KV cache is kept for this many. Default: 8192, or the model's limit if lower.")]
 TrustRemoteOpt = Annotated[bool, typer.Option(help="Allow model code from the checkpoint (off unless asked).")]
 BudgetOpt = Annotated[Optional[int], typer.Option(show_default=False, help="Draft tree nodes verified per target pass (1..16384). Default: the profile's, else the preset's.")]
@@ -35,7 +36,8 @@ OutFolder = Annotated[Path, typer.Option(help="Output folder.")]
 def model_options(target: TargetOpt = None, draft: DraftOpt = None, device: DeviceOpt = None,
                   offload: OffloadOpt = None, quant: QuantOpt = None,
                   gpu_memory: GpuMemoryOpt = None, drafter: DrafterOpt = None,
-                  context: ContextOpt = None, trust_remote_code: TrustRemoteOpt = False) -> None:
+                  context: ContextOpt = None, threads: ThreadsOpt = None,
+                  trust_remote_code: TrustRemoteOpt = False) -> None:
     """What to load and where (template: its parameters become options)."""
 
 

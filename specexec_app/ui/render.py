@@ -60,6 +60,9 @@ def show_profile(out: Console, p: Profile) -> None:
     rows.append(("target", f"{p.target.name}: {p.target.parameters / 1e6:.0f}M parameters, "
                            f"{p.target.placement}"))
     rows.append(("pass time", ", ".join(f"{n} nodes {ms:.0f} ms" for n, ms in p.target.pass_ms.items())))
+    if p.target.threads_pass_ms:
+        rows.append(("CPU threads", ", ".join(f"{n}: {ms:.0f} ms" for n, ms in p.target.threads_pass_ms.items())
+                     + f" (two passes; chose {p.choice.threads})"))
     speed = ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms" for k, v in p.draft.speed.items()
                       if isinstance(v, (int, float)))
     rows.append(("draft", f"{p.draft.name}: 64-node tree in {speed}"))
