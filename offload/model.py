@@ -482,6 +482,10 @@ def offload_model(model, device: torch.device, placement: Placement,
     if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, nn.Linear) \
             and isinstance(embed, nn.Embedding):
         head.weight = embed.weight
+    if kernels and streamer is None:  # every layer in RAM: the lean forward where it applies
+        from .cpu_forward import install
+
+        install(model)
     return Offloaded(model, placement, streamer, workspace if workspace.buffer is not None else None)
 
 

@@ -260,3 +260,35 @@ def assert_same_greedy_within_noise(model, ids, got, ref):
         gap = abs(steps[-1, b] - steps[-1, a]).item()
         assert gap <= 2 * noise, f"diverged at token {j}: got {a}, target {b}, gap {gap:.3f}, noise {noise:.3f}"
         return
+
+
+def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_ids):
+    """The engine's calls (positions, a tree mask or none for one row, a cache) go through the
+    lean forward (offload/cpu_forward.py), any other call through transformers' layers; both give
+    the same logits but for bf16 schedule noise, over a prompt with a tree on top and then one
+    row on the cache it left."""
+    from specexec_app.core.kvcache import TokenCache, truncate
+    from specexec_app.core.lm import mask_dtype
+    from specexec_app.core.tree import Tree, tree_inputs
+    from test_offload import tree_batch
+
+    assert "forward" in vars(kernel_model)  # installed on the instance
+    ids = chat_ids("Name the planets of the solar system in order.")
+    got, want = [], []
+    for force_layers, out in ((False, got), (True, want)):
+        kv = TokenCache()
+        extra = {"return_dict": True} if force_layers else {}
+        for pending, tree, past in ((ids, tree_batch(), 0), ([ids[-1]], Tree(), len(ids))):
+            if past:
+                truncate(kv.cache, past)  # keep the prompt only: one row on top of it
+            x, pos, mask = tree_inputs(pending, tree, past, mask_dtype(kernel_model), torch.device("cpu"))
+            assert (mask is None) == (len(pending) + len(tree) == 1)
+            with torch.inference_mode():
+                logits = kernel_model(input_ids=x, position_ids=pos, attention_mask=mask,
+                                      past_key_values=kv.cache, use_cache=True,
+                                      logits_to_keep=len(tree) + 1, **extra).logits[0].float()
+            out.append(logits)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert (g.argmax(-1) == w.argmax(-1)).float().mean() >= 0.8
+        assert (g - w).abs().max() < 1.0 and ((g - w).abs().mean() < 0.05), (g - w).abs().max()

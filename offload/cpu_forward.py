@@ -1,0 +1,122 @@
+"""A lean forward for a Llama-architecture target whose layers are all in the CPU kernels' form.
+
+On a CPU, with weights computed by the packed kernels (`offload.kernels`), a one-token pass of a
+small model is mostly Python: transformers' layer code makes ~15 module calls a layer, builds its
+mask and position arguments, and dispatches attention through its interface. This forward does
+the same arithmetic as transformers' Llama layers (RMSNorm in float32, the rotary embedding from
+the model's own rotary module, SDPA with the key/value heads shared, SiLU MLP) in a plain loop
+over per-layer tensors gathered once: on SmolLM2-135M, 2 cores, a one-token pass takes 6.3 ms
+instead of 8.7 ms (docs/BENCHMARKS.md).
+
+It serves the calls the engine makes (`core.lm.run`: ids, positions, a 4-D additive mask or none
+for one row, a cache, `logits_to_keep`); any other call (transformers' `generate`, a call without
+positions) goes to the model's own forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .kernels import KERNEL_DTYPE, KernelLinear, KernelSlice
+
+ARCHITECTURES = ("llama", "mistral")
+
+
+def _matmul(linear: KernelLinear):
+    """x [n, in] float32 -> [n, out] float32 with `linear`'s weights: one int4 kernel call when
+    it is a single 4-bit term, else its own forward."""
+    if len(linear.groups) == 1 and not linear.int8 and linear.bias is None:
+        packed, scales, group = linear.packed0, linear.scales_zeros0, linear.groups[0]
+        return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), packed, group,
+                                                           scales).to(x.dtype)
+    return linear
+
+
+def _fused(names, parent):
+    """The fused KernelLinear behind sibling slices (q, k, v or gate, up), or None."""
+    slices = [getattr(parent, n) for n in names]
+    if not all(isinstance(s, KernelSlice) for s in slices):
+        return None
+    shared = slices[0]._refs[0]
+    if any(s._refs[0] is not shared for s in slices) or \
+            [s.start for s in slices] != [0] + [s.end for s in slices[:-1]]:
+        return None
+    return shared.linear
+
+
+def install(model) -> bool:
+    """Give `model` (a causal LM on the CPU) the lean forward when every decoder layer is a
+    Llama layer with its q/k/v and gate/up fused and no bias; returns whether it did."""
+    config = model.config
+    if config.model_type not in ARCHITECTURES or getattr(config, "hidden_act", "silu") != "silu" \
+            or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return False
+    layers = []
+    for layer in model.model.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None:
+            return False
+        qkv = _fused(("q_proj", "k_proj", "v_proj"), attn)
+        gate_up = _fused(("gate_proj", "up_proj"), mlp)
+        if qkv is None or gate_up is None or not isinstance(attn.o_proj, KernelLinear) \
+                or not isinstance(mlp.down_proj, KernelLinear):
+            return False
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if any(type(n).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm") for n in norms):
+            return False
+        layers.append((norms[0].weight, norms[0].variance_epsilon, _matmul(qkv), _matmul(attn.o_proj),
+                       norms[1].weight, norms[1].variance_epsilon, _matmul(gate_up),
+                       _matmul(mlp.down_proj), attn.scaling))
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    original = model.forward
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+                use_cache=True, logits_to_keep=0, **kwargs):
+        lean = (not kwargs and input_ids is not None and position_ids is not None
+                and isinstance(past_key_values, DynamicCache)
+                and (attention_mask.dim() == 4 if attention_mask is not None else input_ids.shape[1] == 1))
+        if not lean:
+            return original(input_ids=input_ids, position_ids=position_ids,
+                            attention_mask=attention_mask, past_key_values=past_key_values,
+                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        return _forward(self, layers, heads, kv_heads, head_dim, input_ids, position_ids,
+                        attention_mask, past_key_values, logits_to_keep)
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
+def _norm(x, weight, eps):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _forward(model, layers, heads, kv_heads, head_dim, ids, pos, mask, cache, keep):
+    n = ids.shape[1]
+    x = model.model.embed_tokens(ids)                          # [1, n, hidden] float32
+    cos, sin = model.model.rotary_emb(x, pos)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q_end, k_end, half = heads * head_dim, (heads + kv_heads) * head_dim, head_dim // 2
+
+    def rotate(t):
+        return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
+
+    for i, (w1, eps1, qkv, out, w2, eps2, gate_up, down, scale) in enumerate(layers):
+        y = qkv(_norm(x, w1, eps1).view(n, -1))
+        q = rotate(y[:, :q_end].view(1, n, heads, head_dim).transpose(1, 2))
+        k = rotate(y[:, q_end:k_end].view(1, n, kv_heads, head_dim).transpose(1, 2))
+        v = y[:, k_end:].view(1, n, kv_heads, head_dim).transpose(1, 2)
+        k, v = cache.update(k, v, i)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                           enable_gqa=kv_heads != heads)
+        x = x + out(o.transpose(1, 2).reshape(n, -1)).view(1, n, -1)
+        gu = gate_up(_norm(x, w2, eps2).view(n, -1))
+        inter = gu.shape[-1] // 2
+        x = x + down(F.silu(gu[:, :inter]) * gu[:, inter:]).view(1, n, -1)
+    x = model.model.norm(x[:, -keep:] if keep else x)
+    return CausalLMOutputWithPast(logits=model.lm_head(x), past_key_values=cache)
