@@ -292,3 +292,25 @@ def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_id
         assert g.shape == w.shape
         assert (g.argmax(-1) == w.argmax(-1)).float().mean() >= 0.8
         assert (g - w).abs().max() < 1.0 and ((g - w).abs().mean() < 0.05), (g - w).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["self-int8", "self-nf4"])
+def test_self_drafts_of_the_gguf_target_load_and_stay_exact(kernel_model, gguf_source, tokenizer,
+                                                            chat_ids, kind):
+    """A quantized copy of a GGUF target as the draft (bitsandbytes cannot quantize a GGUF load:
+    the blocks are expanded, then packed by offload): it loads, its trees are accepted, and the
+    output is the kernel target's own greedy."""
+    from specexec_app.loading.session import make_drafter
+    from test_exactness import NEW, PROMPTS, run
+
+    stops = {tokenizer.eos_token_id}
+    drafter = make_drafter(kind, None, gguf_source, kernel_model, torch.device("cpu"),
+                           kernel_model.config.vocab_size, stops)
+    ids = chat_ids(PROMPTS[0])
+    with torch.inference_mode():
+        ref = kernel_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=NEW, do_sample=False)[0, len(ids):].tolist()
+    ref = ref[:next((i for i, t in enumerate(ref) if t in stops), len(ref))]
+    done = run(kernel_model, drafter, ids, stops, tokenizer, budget=4)
+    assert done.stats.accepted_per_pass > 1.5  # a copy of the target: most nodes accepted
+    assert_same_greedy_within_noise(kernel_model, ids, done.token_ids, ref)

@@ -159,6 +159,18 @@ def build_named(target: str = "default", draft: str | None = None, **options) ->
     return build(resolve_settings(dict(target=target, draft=draft, **options)).load)
 
 
+def _gguf_self_draft(src, dev: torch.device, kind: str, trust_remote_code: bool):
+    """A quantized copy of a GGUF target (bitsandbytes cannot quantize a GGUF load): its blocks
+    expanded at load, then its layers packed in int8 or NF4 by `offload` (on a CPU, int8 runs on
+    the packed kernels)."""
+    from offload.model import offload_model, plan_placement
+
+    model, _ = _load_target(src, dev, "never", 16, None, _quiet, None, 0, trust_remote_code, 0, 1)
+    bits = 8 if kind == "int8" else 4
+    placement = plan_placement(model, dev, bits, "never", dtype=model.dtype)
+    return offload_model(model, dev, placement, model.dtype).model
+
+
 def make_drafter(draft: str, dsrc, src, model, ddev: torch.device, vocab: int, stops: set[int],
                  trust_remote_code: bool = False, status: Status = _quiet) -> Drafter:
     """The drafter named `draft` (its model from `dsrc`) for the target `model` loaded from `src`."""
@@ -168,7 +180,8 @@ def make_drafter(draft: str, dsrc, src, model, ddev: torch.device, vocab: int, s
         return NgramDrafter(min_ngram=3 if model_device(model).type == "cpu" else 1)
     if draft in SELF_DRAFTS:
         status(f"quantizing a {SELF_DRAFTS[draft]} copy of the target as the draft")
-        dmodel = load_model(src, ddev, quant=SELF_DRAFTS[draft])
+        dmodel = _gguf_self_draft(src, ddev, SELF_DRAFTS[draft], trust_remote_code) \
+            if src.gguf_file else load_model(src, ddev, quant=SELF_DRAFTS[draft])
     elif is_distilled(dsrc.path):
         status(f"loading draft {draft} (shares the target's embedding and head)")
         dmodel = load_draft(dsrc.path, model, ddev)
