@@ -26,6 +26,7 @@ from drafts import ModelDrafter, NgramDrafter
 from specexec_app.core import engine
 from specexec_app.core.lm import Target
 from specexec_app.loading.sources import DEFAULT_MODEL, resolve
+from specexec_app.loading.session import self_draft_model
 from specexec_app.loading.hf import load_model, load_tokenizer, stop_ids, truncated_copy
 from specexec_app.config.settings import DecodeSettings
 from specexec_app.tools.prompts import bench_prompts
@@ -90,7 +91,7 @@ def main() -> None:
     drafts = {"truncated-3-layer": lambda: truncated_copy(model, 3)}
     try:
         import bitsandbytes  # noqa: F401
-        drafts["self-int8"] = lambda: load_model(src, torch.device("cpu"), quant="int8")
+        drafts["self-int8"] = lambda: self_draft_model(src, torch.device("cpu"), "int8")
     except ImportError:
         pass
     drafts = drafts if args.model_draft_prompts else {}

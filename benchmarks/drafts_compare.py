@@ -28,6 +28,7 @@ from drafts.chain import NoDraft
 from drafts.distilled import load_draft, make_draft
 from specexec_app.tools.distill import _answer_hidden, answer
 from specexec_app.loading.sources import DEFAULT_MODEL, SHIPPED_DRAFTS
+from specexec_app.loading.session import self_draft_model
 from specexec_app.loading.hf import load_model, load_tokenizer, stop_ids
 from specexec_app.loading.sources import resolve
 from specexec_app.loading.session import Pipeline
@@ -78,8 +79,8 @@ def main() -> None:
     n_layers = distilled.config.num_hidden_layers
     makers = {"ngram": lambda: None, "distilled": lambda: distilled,
               "first-layers": lambda: make_draft(model, n_layers, cpu)[0],
-              "self-int8": lambda: load_model(src, cpu, quant="int8"),
-              "self-nf4": lambda: load_model(src, cpu, quant="nf4")}
+              "self-int8": lambda: self_draft_model(src, cpu, "int8"),
+              "self-nf4": lambda: self_draft_model(src, cpu, "nf4")}
     drafts = {(f"first-{n_layers}-layers" if k == "first-layers" else k): makers[k]()
               for k in makers if k in wanted}
     modes = {k: v for k, v in {"greedy": dict(temperature=0.0),

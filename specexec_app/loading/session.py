@@ -159,12 +159,14 @@ def build_named(target: str = "default", draft: str | None = None, **options) ->
     return build(resolve_settings(dict(target=target, draft=draft, **options)).load)
 
 
-def _gguf_self_draft(src, dev: torch.device, kind: str, trust_remote_code: bool):
-    """A quantized copy of a GGUF target (bitsandbytes cannot quantize a GGUF load): its blocks
-    expanded at load, then its layers packed in int8 or NF4 by `offload` (on a CPU, int8 runs on
-    the packed kernels)."""
+def self_draft_model(src, dev: torch.device, kind: str, trust_remote_code: bool = False):
+    """A quantized copy ("int8" or "nf4") of the target in `src` on `dev`: bitsandbytes' for a
+    checkpoint folder; for a GGUF (which bitsandbytes cannot quantize on load) its blocks
+    expanded, then its layers packed by `offload` (on a CPU, int8 runs on the packed kernels)."""
     from offload.model import offload_model, plan_placement
 
+    if not src.gguf_file:
+        return load_model(src, dev, quant=kind, trust_remote_code=trust_remote_code)
     model, _ = _load_target(src, dev, "never", 16, None, _quiet, None, 0, trust_remote_code, 0, 1)
     bits = 8 if kind == "int8" else 4
     placement = plan_placement(model, dev, bits, "never", dtype=model.dtype)
@@ -180,8 +182,7 @@ def make_drafter(draft: str, dsrc, src, model, ddev: torch.device, vocab: int, s
         return NgramDrafter(min_ngram=3 if model_device(model).type == "cpu" else 1)
     if draft in SELF_DRAFTS:
         status(f"quantizing a {SELF_DRAFTS[draft]} copy of the target as the draft")
-        dmodel = _gguf_self_draft(src, ddev, SELF_DRAFTS[draft], trust_remote_code) \
-            if src.gguf_file else load_model(src, ddev, quant=SELF_DRAFTS[draft])
+        dmodel = self_draft_model(src, ddev, SELF_DRAFTS[draft], trust_remote_code)
     elif is_distilled(dsrc.path):
         status(f"loading draft {draft} (shares the target's embedding and head)")
         dmodel = load_draft(dsrc.path, model, ddev)
