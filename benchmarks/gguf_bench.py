@@ -106,7 +106,7 @@ def load_child(path: Path, config: Path, device: str) -> None:
     dev = torch.device(device)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     t = time.perf_counter()
-    off = load_gguf(path, config, dev, 16, "always", None, 0, dtype, context=0)
+    off = load_gguf(path, config, dev, None, "always", None, 0, dtype, context=0)
     load_s = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     layer = off.streamer.layers[0]

@@ -195,7 +195,7 @@ def test_a_gguf_target_streams_its_blocks_on_the_device(tmp_path, offload, monke
     write_gguf(tmp_path / "tiny.gguf")
     src = ModelSource("tiny", str(tmp_path), "tiny.gguf")
     want = logits_of(load_model(src, torch.device("cpu")))
-    off = load_gguf(src.gguf_path, gguf_meta_dir(src), DEVICE, 16, offload, 2**34, 0, torch.float32)
+    off = load_gguf(src.gguf_path, gguf_meta_dir(src), DEVICE, None, offload, 2**34, 0, torch.float32)
     assert off.placement.streamed_layers >= 1  # (and the others resident, packed)
     logits_of(off.model)
     with RoundTrips(off.model) as trips:
