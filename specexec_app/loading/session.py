@@ -57,7 +57,10 @@ class Pipeline:
 
     def placement_text(self) -> str:
         if self.target.placement is None:
-            return f"resident on {self.target.device}"
+            from offload.kernels import KernelLinear
+
+            packed = any(isinstance(m, KernelLinear) for m in self.target.model.modules())
+            return f"resident on {self.target.device}" + (", packed CPU kernels" if packed else "")
         from offload.model import describe
 
         return describe(self.target.placement)
