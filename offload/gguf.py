@@ -329,6 +329,9 @@ def _load_dense(gguf: GGUFModel, model, to_gguf: dict[str, str], heads: dict[str
                                    ram_free=ram_free, can_stream_from_disk=False, context=context,
                                    tree_budget=tree_budget, weights="GGUF expanded to dense")
     except MemoryError as e:
+        if offload == "disk" or "cannot stream from disk" in str(e):
+            raise UserError("a GGUF expanded to 16 bits (--quant 16) cannot stream from disk: "
+                            "leave --quant out to stream its blocks from the file") from e
         raise UserError(str(e)) from e
 
     def fill(prefix: str | None) -> None:

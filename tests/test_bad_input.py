@@ -52,6 +52,8 @@ def cli(*args, input=None, env=None, limit_bytes=None, timeout=300):
     (["run", "hi", "--stats-json", __file__ + "/s.json"], "is a file, not a folder"),
     (["chat", "--temperature", "inf"], "--temperature must be a finite number"),
     (["run", "hi", "--threads", "0"], "--threads must be at least 1"),
+    (["run", "hi", "--threads", "100000"], "CPU threads of this machine"),
+    (["run", "hi", "--target", "/dev/null/x.gguf"], "model not found"),
     (["serve", "--port", "70000"], "--port must be in 0..65535"),
     (["bench", "--out", "/dev/null"], "is a file, not a folder"),
     (["quantize", "--out", "/dev/null"], "is a file, not a folder"),
@@ -203,3 +205,17 @@ def test_header_without_dtype_is_one_line(source, tmp_path):
     weights.write_bytes(data[:8] + text + data[8 + n:])
     one_line_error(runner.invoke(app, ["run", "hi", "--target", str(bad)]),
                    "model.safetensors is corrupt: its header cannot be read")
+
+
+@pytest.mark.parametrize("cut, needle", [(3_000_000, "is truncated: 3000000 of"),
+                                         (4, "not a readable GGUF file (the header is cut short)"),
+                                         (0, "not a readable GGUF file (no GGUF magic)")])
+def test_a_damaged_gguf_is_named_before_its_metadata_is_read(tmp_path, monkeypatch, cut, needle):
+    """A GGUF file cut short (a download stopped) or empty: our one-line error naming the file,
+    not the message of the library that reads its metadata."""
+    from specexec_app.loading.sources import smollm2_gguf
+
+    monkeypatch.setenv("SPECEXEC_HOME", str(tmp_path / "home"))
+    with open(smollm2_gguf(), "rb") as f:
+        (tmp_path / "cut.gguf").write_bytes(f.read(cut))
+    one_line_error(runner.invoke(app, ["run", "hi", "--target", str(tmp_path / "cut.gguf")]), needle)

@@ -3,6 +3,7 @@ become validated values. Precedence: command line > profile > preset > default."
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -52,8 +53,12 @@ class LoadSpec:
             check_range(self.context, "--context", 2, MAX_CONTEXT)
         if self.gpu_memory is not None:
             check_range(self.gpu_memory, "--gpu-memory", 1, 1 << 50)
-        if self.threads is not None:
-            check_range(self.threads, "--threads", 1, 4096)
+        if self.threads is not None:  # more threads than the machine runs only slows it down
+            most = 2 * (os.cpu_count() or 1)
+            check_range(self.threads, "--threads", 1, 1 << 20)
+            if self.threads > most:
+                raise UserError(f"--threads {self.threads} is more than twice the {most // 2} CPU "
+                                f"threads of this machine (at most {most})")
 
 
 @dataclass(frozen=True)

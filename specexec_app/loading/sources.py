@@ -147,9 +147,11 @@ def _folder_gguf(spec: str, folder: Path) -> ModelSource:
     models = {p.name for p in folder.glob("*.gguf")}
     firsts = sorted(n for n in models if not re.search(r"-\d{5}-of-\d{5}\.gguf$", n)
                     or re.search(r"-00001-of-\d{5}\.gguf$", n))
-    if len(firsts) != 1:
-        raise UserError(f"{spec} holds no config.json, and {len(firsts)} GGUF models (not one): "
-                        "name the .gguf file")
+    if not firsts:
+        raise UserError(f"{spec} holds no model: no config.json and no .gguf file")
+    if len(firsts) > 1:
+        raise UserError(f"{spec} holds no config.json and {len(firsts)} GGUF models: name the "
+                        f".gguf file (one of {', '.join(firsts[:4])})")
     return _gguf_source(spec, folder / firsts[0])
 
 
@@ -199,6 +201,9 @@ def gguf_meta_dir(src: ModelSource, status: Status = _quiet) -> Path:
     out = cache_dir() / "gguf" / f"{gguf.stem[:60]}-{key}"
     if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
         return out
+    from offload.gguf import GGUFModel
+
+    GGUFModel(src.gguf_path)  # a damaged or cut file: our one-line error before transformers'
     status(f"reading the config and tokenizer of {gguf.name} (once)")
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
