@@ -25,6 +25,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .kernels import KERNEL_DTYPE, KernelLinear, KernelSlice
 
 ARCHITECTURES = ("llama", "mistral")
+# The arguments of the engine's calls (`core.lm.run`); a call with any other goes to transformers.
+ENGINE_CALL = {"input_ids", "position_ids", "attention_mask", "past_key_values", "cache",
+               "use_cache", "logits_to_keep"}
 
 
 def _matmul(linear: KernelLinear):
@@ -76,17 +79,16 @@ def install(model) -> bool:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     original = model.forward
 
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
-                use_cache=True, logits_to_keep=0, **kwargs):
-        lean = (not kwargs and input_ids is not None and position_ids is not None
-                and isinstance(past_key_values, DynamicCache)
-                and (attention_mask.dim() == 4 if attention_mask is not None else input_ids.shape[1] == 1))
-        if not lean:
-            return original(input_ids=input_ids, position_ids=position_ids,
-                            attention_mask=attention_mask, past_key_values=past_key_values,
-                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-        return _forward(self, layers, heads, kv_heads, head_dim, input_ids, position_ids,
-                        attention_mask, past_key_values, logits_to_keep)
+    def forward(self, *args, **kwargs):
+        ids, pos, mask = (kwargs.get(k) for k in ("input_ids", "position_ids", "attention_mask"))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        lean = (not args and set(kwargs) <= ENGINE_CALL and ids is not None and pos is not None
+                and isinstance(cache, DynamicCache)
+                and (mask.dim() == 4 if mask is not None else ids.shape[1] == 1))
+        if not lean:  # the call as it came, to transformers' layers
+            return original(*args, **kwargs)
+        return _forward(self, layers, heads, kv_heads, head_dim, ids, pos, mask, cache,
+                        kwargs.get("logits_to_keep", 0))
 
     model.forward = types.MethodType(forward, model)
     return True
