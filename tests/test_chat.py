@@ -71,7 +71,7 @@ def test_pty_session_question_command_interrupt_exit(tmp_path):
         child.expect(r"tok/s.*[0-9.]+ accepted/pass")  # the footer
         child.expect_exact(">>>")
         child.sendline("/stats")
-        child.expect(r"session \(1 replies\)")
+        child.expect(r"session \(1 reply\)")
         child.expect_exact(">>>")
         child.sendline("Write a long story about a dragon who learns to paint, in ten paragraphs.")
         child.expect_exact("thinking")  # the turn has begun (the line editor let go)
@@ -112,7 +112,7 @@ def test_pty_double_interrupt_paste_and_stopped_stats():
         child.expect_exact(">>>")
         child.sendline("/stats")
         child.expect(r"last reply: .*stop: interrupted")
-        child.expect(r"session \(1 replies\)")
+        child.expect(r"session \(1 reply\)")
         child.expect_exact(">>>")
         child.send("\x1b[200~Name a colour.\nOne word only.\x1b[201~")
         child.send("\r")
@@ -227,3 +227,20 @@ def test_ollama_and_llama_cli_habits(pipe):
     r.cmd_show("")  # rich markup in a user string is printed as it is, not read (nor an error)
     assert "system" in r.console.file.getvalue().splitlines()[-3]
     assert "[link=http://x]click[/link] [/]" in r.console.file.getvalue()
+
+
+def test_threads_are_set_and_shown_in_chat(pipe):
+    """/set threads N sets the model's CPU threads (checked like --threads), /show lists them, and
+    the session's /stats counts its replies in good English."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        r, out = repl(pipe, ["/set threads 1", "/show", "/set threads 0", "/set threads many",
+                             "/set max_tokens 4", "Hi", "/stats"])
+        assert torch.get_num_threads() == 1 and "threads = 1" in out
+        assert re.search(r"threads\s+1\b", out)
+        assert "--threads must be at least 1" in out and "threads takes a whole number" in out
+        assert "session (1 reply)" in out
+    finally:
+        torch.set_num_threads(before)

@@ -15,11 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text as RichText
 
-from specexec_app.config.settings import DecodeSettings
+from specexec_app.config.settings import DecodeSettings, LoadSpec
 from specexec_app.core.engine import Done, Notice, Pass, Stats, Text
 from specexec_app.errors import UserError
 from specexec_app.files import write_atomic
@@ -364,7 +365,7 @@ class ChatREPL:
         key, value = key.lower().replace("-", "_"), value.strip()
         if not key or not value:
             raise UserError("usage: /set budget|temperature|top_p|max_tokens|seed|system|footer|"
-                            "overlap VALUE")
+                            "overlap|threads VALUE")
         if key == "system":
             self.conv = Conversation(system=None if value.lower() == "none" else value)
             self.say("System prompt set; new conversation.", "dim")
@@ -378,13 +379,21 @@ class ChatREPL:
                 self.footer = value.lower() == "on"
             self.say(f"{key} = {value.lower()}", "dim")
             return
+        if key == "threads":  # the model's CPU threads, from the next reply on
+            try:
+                threads = LoadSpec(threads=int(value)).threads  # validates
+            except ValueError:
+                raise UserError(f"threads takes a whole number (got {value!r})") from None
+            torch.set_num_threads(threads)
+            self.say(f"threads = {threads}", "dim")
+            return
         fields_ = {"budget": ("budget", int), "temperature": ("temperature", float),
                    "top_p": ("top_p", float), "max_tokens": ("max_new_tokens", int),
                    "max_new_tokens": ("max_new_tokens", int), "num_predict": ("max_new_tokens", int),
                    "seed": ("seed", int)}
         if key not in fields_:
             raise UserError(f"cannot set {key}; settable: budget, temperature, top_p, "
-                            "max_tokens, seed, system, footer, overlap")
+                            "max_tokens, seed, system, footer, overlap, threads")
         attr, kind = fields_[key]
         if key == "seed" and value.lower() == "none":
             parsed = None
@@ -418,6 +427,7 @@ class ChatREPL:
                 ("budget", str(s.budget)), ("temperature", str(s.temperature)),
                 ("top_p", str(s.top_p)), ("max_tokens", str(s.max_new_tokens)),
                 ("seed", str(s.seed)), ("overlap", "on" if s.overlap else "off"),
+                ("threads", str(torch.get_num_threads())),
                 ("system", self.conv.system or "(the template's default)"),
                 ("footer", "on" if self.footer else "off"),
                 ("conversation", f"{len(self.conv.turns)} messages")]
@@ -433,7 +443,8 @@ class ChatREPL:
         self.say(f"last reply: {stats_line(last)}")
         all_ = total(self.history)
         all_.load_s = self.pipe.load_s
-        self.say(f"session ({len(self.history)} replies): {stats_line(all_, load=True, stop=False)}")
+        replies = f"{len(self.history)} repl{'y' if len(self.history) == 1 else 'ies'}"
+        self.say(f"session ({replies}): {stats_line(all_, load=True, stop=False)}")
 
     def cmd_clear(self, _: str) -> None:
         self.conv = Conversation(system=self.conv.system)
