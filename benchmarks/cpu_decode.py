@@ -1,6 +1,8 @@
 """The default model's decode speed on this CPU, side by side in one run (issue: the CPU as a
 compute device): specexec on the packed kernels one token per pass, specexec with the default
-drafter (what `specexec run` does), specexec on the float32 weights (`--quant 16`, the path
+drafter (what `specexec run` does), both again with float32 attention (the lean forward's
+attention is float64 for schedule-invariant greedy output; this measures its cost), specexec on
+the float32 weights (`--quant 16`, the path
 before the kernels), transformers' `generate` on the same GGUF (dequantized to float32 by
 transformers), and llama.cpp on the same GGUF file (when `llama_cpp` imports: `pip install
 llama-cpp-python` builds it). Greedy, the same chat-templated token ids for all, Spec-Bench
@@ -125,6 +127,18 @@ def main() -> None:
     pipe.drafter = one
     results[f"specexec, packed kernels, default drafter ({config.load.draft}, budget {default})"] = \
         specexec_rate(pipe, prompts, args.new, default)
+    # The same with float32 attention (before: faster, but greedy output moved with the draft at
+    # bf16 near-ties; offload/cpu_forward.py): what float64 attention costs, side by side.
+    import offload.cpu_forward as lean
+    from specexec_app.core.kvcache import TokenCache
+
+    lean.ATTENTION_DTYPE, pipe.target.kv = torch.float32, TokenCache()
+    pipe.drafter = NgramDrafter(min_ngram=10**6)
+    results["  the same, float32 attention, one token per pass"] = specexec_rate(pipe, prompts, args.new, 1)
+    pipe.drafter = one
+    results[f"  the same, float32 attention, default drafter (budget {default})"] = \
+        specexec_rate(pipe, prompts, args.new, default)
+    lean.ATTENTION_DTYPE = torch.float64
     del pipe
     dense = build(config.load.__class__(**{**config.load.__dict__, "quant": 16}))
     dense.drafter = NgramDrafter(min_ngram=10**6)

@@ -8,6 +8,15 @@ the model's own rotary module, SDPA with the key/value heads shared, SiLU MLP) i
 over per-layer tensors gathered once: on SmolLM2-135M, 2 cores, a one-token pass takes 6.3 ms
 instead of 8.7 ms (docs/BENCHMARKS.md).
 
+Attention, and the keys and values it keeps, are in float64. The kernels take bf16 inputs, so
+a difference in the last float32 bit of a layer's attention (SDPA over a tree's rows and over one
+row sum in different orders: ~2e-7) can round a bf16 input the other way, and over 30 layers move
+the logits by 0.1-0.4: greedy output then changed with the draft, the budget and the threads
+(10 of 24 replies on Spec-Bench prompts, 48 tokens, n-gram 4/16 and the distilled draft 8).
+In float64 the schedules differ by ~1e-16, which survives the rounding to float32 about once in
+1e9 values: the same replies, 0 of 24, for about 2x the attention's time (on SmolLM2-135M at 300
+tokens of context, +0.25 ms on a 6.5 ms one-token pass; docs/BENCHMARKS.md).
+
 It serves the calls the engine makes (`core.lm.run`: ids, positions, a 4-D additive mask or none
 for one row, a cache, `logits_to_keep`); any other call (transformers' `generate`, a call without
 positions) goes to the model's own forward.
@@ -19,12 +28,15 @@ import types
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .kernels import KERNEL_DTYPE, KernelLinear, KernelSlice
 
 ARCHITECTURES = ("llama", "mistral")
+ATTENTION_DTYPE = torch.float64  # attention and its KV cache (see above)
 # The arguments of the engine's calls (`core.lm.run`); a call with any other goes to transformers.
 ENGINE_CALL = {"input_ids", "position_ids", "attention_mask", "past_key_values", "cache",
                "use_cache", "logits_to_keep"}
@@ -52,10 +64,33 @@ def _fused(names, parent):
     return shared.linear
 
 
+EXACT_SDPA = "specexec_sdpa_float64"
+
+
+def _sdpa_float64(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' SDPA attention computed in `ATTENTION_DTYPE`, output in the query's dtype:
+    the same schedule invariance as the lean forward for the calls that go through
+    transformers' layers (its `generate`, architectures the lean forward does not take)."""
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.to(ATTENTION_DTYPE)
+    out, weights = sdpa_attention_forward(module, query.to(ATTENTION_DTYPE), key.to(ATTENTION_DTYPE),
+                                          value.to(ATTENTION_DTYPE), attention_mask, *args, **kwargs)
+    return out.to(query.dtype), weights
+
+
+AttentionInterface.register(EXACT_SDPA, _sdpa_float64)
+AttentionMaskInterface.register(EXACT_SDPA, sdpa_mask)
+
+
 def install(model) -> bool:
-    """Give `model` (a causal LM on the CPU) the lean forward when every decoder layer is a
-    Llama layer with its q/k/v and gate/up fused and no bias; returns whether it did."""
+    """Attention in float64 for `model` (a causal LM on the CPU whose matrices are in the
+    kernels' form) where it uses SDPA; and the lean forward when every decoder layer is a Llama
+    layer with its q/k/v and gate/up fused and no bias. Returns whether the lean forward is in."""
     config = model.config
+    if not any(isinstance(m, KernelLinear) for m in model.modules()):
+        return False  # float weights: float32 throughout, no bf16 rounding to magnify
+    if getattr(config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(EXACT_SDPA)
     if config.model_type not in ARCHITECTURES or getattr(config, "hidden_act", "silu") != "silu" \
             or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         return False
@@ -104,6 +139,7 @@ def _forward(model, layers, heads, kv_heads, head_dim, ids, pos, mask, cache, ke
     cos, sin = model.model.rotary_emb(x, pos)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     q_end, k_end, half = heads * head_dim, (heads + kv_heads) * head_dim, head_dim // 2
+    mask = None if mask is None else mask.to(ATTENTION_DTYPE)
 
     def rotate(t):
         return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
@@ -113,10 +149,10 @@ def _forward(model, layers, heads, kv_heads, head_dim, ids, pos, mask, cache, ke
         q = rotate(y[:, :q_end].view(1, n, heads, head_dim).transpose(1, 2))
         k = rotate(y[:, q_end:k_end].view(1, n, kv_heads, head_dim).transpose(1, 2))
         v = y[:, k_end:].view(1, n, kv_heads, head_dim).transpose(1, 2)
-        k, v = cache.update(k, v, i)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                           enable_gqa=kv_heads != heads)
-        x = x + out(o.transpose(1, 2).reshape(n, -1)).view(1, n, -1)
+        k, v = cache.update(k.to(ATTENTION_DTYPE), v.to(ATTENTION_DTYPE), i)
+        o = F.scaled_dot_product_attention(q.to(ATTENTION_DTYPE), k, v, attn_mask=mask,
+                                           scale=scale, enable_gqa=kv_heads != heads)
+        x = x + out(o.transpose(1, 2).reshape(n, -1).to(x.dtype)).view(1, n, -1)
         gu = gate_up(_norm(x, w2, eps2).view(n, -1))
         inter = gu.shape[-1] // 2
         x = x + down(F.silu(gu[:, :inter]) * gu[:, inter:]).view(1, n, -1)

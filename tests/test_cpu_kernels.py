@@ -181,6 +181,22 @@ def kernel_model(gguf_source):
     return model
 
 
+def test_the_plan_counts_the_float64_cache_of_the_lean_forward(model):
+    """On a CPU with packed kernels, a Llama target's KV cache is float64 (the lean forward's
+    attention): the plan keeps twice the float32 cache's bytes for it; without kernels, or with
+    streamed layers (no lean forward), float32."""
+    from offload.model import kv_cache_bytes, plan_placement
+
+    cpu, context, budget = torch.device("cpu"), 1000, 16
+    plans = [plan_placement(model, cpu, quant=4, context=context, tree_budget=budget, kernels=k,
+                            ram_free=2**40) for k in (True, False)]
+    f32 = kv_cache_bytes(model.config, context + budget + 1, torch.float32)
+    assert plans[0].work_bytes - plans[1].work_bytes == f32
+    streamed = plan_placement(model, cpu, quant=4, offload="always", context=context,
+                              tree_budget=budget, ram_free=2**40)  # no lean forward: float32
+    assert streamed.streamed_layers and streamed.work_bytes == plans[1].work_bytes
+
+
 def test_the_default_gguf_runs_on_the_kernels_close_to_its_float_weights(kernel_model, model,
                                                                          chat_ids):
     """Every matrix of the shipped Q4_1 model (the Q8_0 head too) in kernel form, no float copy of
@@ -206,67 +222,61 @@ def test_the_default_gguf_runs_on_the_kernels_close_to_its_float_weights(kernel_
     assert ((got - want).abs() / spread).mean() < 0.1
 
 
-@pytest.mark.parametrize("draft,budget", [("ngram", 4), ("ngram", 16), ("distilled", 8)])
-def test_greedy_specexec_on_the_kernels_equals_their_own_greedy(kernel_model, tokenizer, chat_ids,
-                                                                 draft, budget):
-    """Exactness against the target as it computes: greedy SpecExec over the kernel model gives
-    the kernel model's own one-token-at-a-time greedy output (near-ties counted as before)."""
+# Spec-Bench prompts (math_reasoning, writing) where float32 attention changed the greedy reply
+# with the draft: a test that fails if attention stops being schedule-invariant.
+BANANAS = ("John picks 4 bananas on Wednesday. Then he picks 6 bananas on Thursday. On Friday, he "
+           "picks triple the number of bananas he did on Wednesday. How many bananas does John have?")
+TRAVEL = ("Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
+          "experiences and must-see attractions.")
+
+
+def own_greedy(model, ids, stops, tokenizer, new):
+    """The target's own greedy reply as the engine computes it: one token per pass."""
+    from drafts.chain import NoDraft
+    from test_exactness import run
+
+    return run(model, NoDraft(), ids, stops, tokenizer, budget=1, max_new_tokens=new).token_ids
+
+
+@pytest.mark.parametrize("draft,budget,threads", [("ngram", 4, 2), ("ngram", 16, 1),
+                                                  ("distilled", 8, 2)])
+def test_greedy_specexec_on_the_kernels_is_their_own_greedy(kernel_model, tokenizer, chat_ids,
+                                                             draft, budget, threads):
+    """Exactness against the target as it computes, token for token, no near-tie allowed:
+    greedy SpecExec over the kernel model gives the kernel model's own one-token-per-pass greedy
+    reply, whatever the draft, the budget and the threads (float64 attention,
+    offload/cpu_forward.py; with float32 attention these replies differed)."""
     from drafts import ModelDrafter, NgramDrafter
     from drafts.distilled import load_draft
     from specexec_app.loading.sources import SHIPPED_DRAFTS
-    from test_exactness import NEW, PROMPTS, run
+    from test_exactness import run
 
-    stops = {tokenizer.eos_token_id}
+    stops, new = {tokenizer.eos_token_id}, 48
     if draft == "ngram":
         drafter = NgramDrafter(min_ngram=1)
     else:
         dmodel = load_draft(SHIPPED_DRAFTS["smollm2-distilled"], kernel_model, torch.device("cpu"))
         drafter = ModelDrafter(dmodel, kernel_model.config.vocab_size, stop_ids=frozenset(stops))
-    for prompt in PROMPTS[:2]:
+    before, saved = torch.get_num_threads(), 0
+    for prompt in (BANANAS, TRAVEL):
         ids = chat_ids(prompt)
-        with torch.inference_mode():  # (not test_exactness.reference: it caches the float model's)
-            ref = kernel_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                        max_new_tokens=NEW, do_sample=False)[0, len(ids):].tolist()
-        ref = ref[:next((i for i, t in enumerate(ref) if t in stops), len(ref))]
-        done = run(kernel_model, drafter, ids, stops, tokenizer, budget=budget)
-        assert done.token_ids, prompt
-        assert_same_greedy_within_noise(kernel_model, ids, done.token_ids, ref)
-
-
-def assert_same_greedy_within_noise(model, ids, got, ref):
-    """Equal token for token; a divergence is allowed only where the target itself cannot tell
-    the two tokens apart: their logit gap is below twice what two schedules of the same
-    computation differ by over the reply so far (the whole sequence in one pass against one token
-    at a time from the prompt, as the reference ran: with bf16 activations they differ by
-    ~0.1-0.4, where float32 differs by ~1e-5). Nothing after a divergence is compared."""
-    from transformers import DynamicCache
-
-    for j in range(max(len(got), len(ref))):
-        a = got[j] if j < len(got) else None
-        b = ref[j] if j < len(ref) else None
-        if a == b:
-            continue
-        assert a is not None and b is not None, f"lengths differ at token {j} ({a} vs {b})"
-        seq = ids + ref[:j]
-        with torch.inference_mode():
-            whole = model(torch.tensor([seq])).logits[0, len(ids) - 1:].float()
-            cache = DynamicCache()
-            steps = [model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1]]
-            for t in ref[:j]:
-                steps.append(model(torch.tensor([[t]]), past_key_values=cache,
-                                   use_cache=True).logits[0, -1])
-            steps = torch.stack(steps).float()
-        noise = (whole - steps).abs().max().item()
-        gap = abs(steps[-1, b] - steps[-1, a]).item()
-        assert gap <= 2 * noise, f"diverged at token {j}: got {a}, target {b}, gap {gap:.3f}, noise {noise:.3f}"
-        return
+        torch.set_num_threads(2)
+        ref = own_greedy(kernel_model, ids, stops, tokenizer, new)
+        torch.set_num_threads(threads)
+        try:
+            done = run(kernel_model, drafter, ids, stops, tokenizer, budget=budget, max_new_tokens=new)
+        finally:
+            torch.set_num_threads(before)
+        assert len(ref) > 20 and done.token_ids == ref, prompt
+        saved += len(done.token_ids) - done.stats.target_passes
+    assert saved > 0  # drafted tokens were accepted: the trees were not all rejected
 
 
 def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_ids):
     """The engine's calls (positions, a tree mask or none for one row, a cache) go through the
     lean forward (offload/cpu_forward.py), any other call through transformers' layers; both give
-    the same logits but for bf16 schedule noise, over a prompt with a tree on top and then one
-    row on the cache it left."""
+    the same logits, bit for bit, over a prompt with a tree on top and then one row on the cache
+    it left."""
     from specexec_app.core.kvcache import TokenCache, truncate
     from specexec_app.core.lm import mask_dtype
     from specexec_app.core.tree import Tree, tree_inputs
@@ -288,10 +298,10 @@ def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_id
                                       past_key_values=kv.cache, use_cache=True,
                                       logits_to_keep=len(tree) + 1, **extra).logits[0].float()
             out.append(logits)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape
-        assert (g.argmax(-1) == w.argmax(-1)).float().mean() >= 0.8
-        assert (g - w).abs().max() < 1.0 and ((g - w).abs().mean() < 0.05), (g - w).abs().max()
+        if not force_layers:  # the lean forward keeps its cache in float64, as the plan counts
+            assert kv.cache.layers[0].keys.dtype == torch.float64
+    for g, w in zip(got, want):  # the same arithmetic, attention in float64 on both paths
+        assert g.shape == w.shape and torch.equal(g, w), (g - w).abs().max()
 
 
 @pytest.mark.parametrize("kind", ["self-int8", "self-nf4"])
@@ -307,10 +317,6 @@ def test_self_drafts_of_the_gguf_target_load_and_stay_exact(kernel_model, gguf_s
     drafter = make_drafter(kind, None, gguf_source, kernel_model, torch.device("cpu"),
                            kernel_model.config.vocab_size, stops)
     ids = chat_ids(PROMPTS[0])
-    with torch.inference_mode():
-        ref = kernel_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    max_new_tokens=NEW, do_sample=False)[0, len(ids):].tolist()
-    ref = ref[:next((i for i, t in enumerate(ref) if t in stops), len(ref))]
     done = run(kernel_model, drafter, ids, stops, tokenizer, budget=4)
     assert done.stats.accepted_per_pass > 1.5  # a copy of the target: most nodes accepted
-    assert_same_greedy_within_noise(kernel_model, ids, done.token_ids, ref)
+    assert done.token_ids == own_greedy(kernel_model, ids, stops, tokenizer, NEW)
