@@ -35,10 +35,12 @@ def main() -> None:
     ap.add_argument("--categories", default=",".join(ALL_CATEGORIES))
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--growth", choices=("new", "old"), default="new")
+    ap.add_argument("--quant", type=int, default=None,
+                    help="the target's --quant (16: a GGUF expanded to float32, as the 2026-11-23 table)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/acceptance.json"))
     args = ap.parse_args()
 
-    pipe = build_named(args.target, args.draft)
+    pipe = build_named(args.target, args.draft, **({"quant": args.quant} if args.quant else {}))
     drafter = pipe.drafter
     if args.growth == "old":
         from draft_bench import OldDrafter

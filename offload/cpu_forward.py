@@ -8,14 +8,15 @@ the model's own rotary module, SDPA with the key/value heads shared, SiLU MLP) i
 over per-layer tensors gathered once: on SmolLM2-135M, 2 cores, a one-token pass takes 6.3 ms
 instead of 8.7 ms (docs/BENCHMARKS.md).
 
-Attention, and the keys and values it keeps, are in float64. The kernels take bf16 inputs, so
-a difference in the last float32 bit of a layer's attention (SDPA over a tree's rows and over one
-row sum in different orders: ~2e-7) can round a bf16 input the other way, and over 30 layers move
-the logits by 0.1-0.4: greedy output then changed with the draft, the budget and the threads
-(10 of 24 replies on Spec-Bench prompts, 48 tokens, n-gram 4/16 and the distilled draft 8).
-In float64 the schedules differ by ~1e-16, which survives the rounding to float32 about once in
-1e9 values: the same replies, 0 of 24, for about 2x the attention's time (on SmolLM2-135M at 300
-tokens of context, +0.25 ms on a 6.5 ms one-token pass; docs/BENCHMARKS.md).
+Attention is computed in float64 (over the float32 keys and values of the cache). The kernels
+take bf16 inputs, so a difference in the last float32 bit of a layer's attention (SDPA over a
+tree's rows and over one row sums in different orders: ~2e-7) can round a bf16 input the other
+way, and over 30 layers move the logits by 0.1-0.4: with float32 attention, greedy output changed
+with the draft, the budget and the threads (10 of 24 replies on Spec-Bench prompts, 48 tokens,
+n-gram 4/16 and the distilled draft 8). In float64 the schedules differ by ~1e-16, which the
+rounding to float32 absorbs but about once in 1e9 values: 0 of 24. It costs 4% of a one-token pass
+at 170 tokens of context and 17% at 1,400 (SmolLM2-135M, 2 cores; a float64 cache would cost
+twice that: the pass is bound by reading the cache). docs/BENCHMARKS.md has the figures.
 
 It serves the calls the engine makes (`core.lm.run`: ids, positions, a 4-D additive mask or none
 for one row, a cache, `logits_to_keep`); any other call (transformers' `generate`, a call without
@@ -36,20 +37,21 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .kernels import KERNEL_DTYPE, KernelLinear, KernelSlice
 
 ARCHITECTURES = ("llama", "mistral")
-ATTENTION_DTYPE = torch.float64  # attention and its KV cache (see above)
+ATTENTION_DTYPE = torch.float64  # attention's arithmetic (see above); the cache stays float32
 # The arguments of the engine's calls (`core.lm.run`); a call with any other goes to transformers.
 ENGINE_CALL = {"input_ids", "position_ids", "attention_mask", "past_key_values", "cache",
                "use_cache", "logits_to_keep"}
 
 
 def _matmul(linear: KernelLinear):
-    """x [n, in] float32 -> [n, out] float32 with `linear`'s weights: one int4 kernel call when
-    it is a single 4-bit term, else its own forward."""
+    """a [n, in] in bf16 (the kernels' input) -> [n, out] with `linear`'s weights: one int4 kernel
+    call, its bf16 output as it comes, when `linear` is a single 4-bit term; else its own forward
+    (its terms summed in float32). Either output is what KernelLinear gives in float32, as bf16
+    widens to float32 exactly."""
     if len(linear.groups) == 1 and not linear.int8 and linear.bias is None:
         packed, scales, group = linear.packed0, linear.scales_zeros0, linear.groups[0]
-        return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), packed, group,
-                                                           scales).to(x.dtype)
-    return linear
+        return lambda a: torch._weight_int4pack_mm_for_cpu(a, packed, group, scales)
+    return lambda a: linear(a.float())
 
 
 def _fused(names, parent):
@@ -129,32 +131,39 @@ def install(model) -> bool:
     return True
 
 
-def _norm(x, weight, eps):
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+def _norm(x, weight, eps, out):
+    """transformers' Llama RMSNorm in float32, rounded into `out` (bf16: the kernels' input)."""
+    return torch.mul(weight, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), out=out)
 
 
 def _forward(model, layers, heads, kv_heads, head_dim, ids, pos, mask, cache, keep):
+    """The arithmetic of transformers' layers (with `_sdpa_float64`) bit for bit, in fewer ops:
+    matmul inputs rounded to bf16 as they are written, kernel outputs added in float32 without a
+    float32 copy, q and k rotated together, the residual stream updated in place."""
     n = ids.shape[1]
-    x = model.model.embed_tokens(ids)                          # [1, n, hidden] float32
+    x = model.model.embed_tokens(ids).clone()                  # [1, n, hidden] float32, ours
     cos, sin = model.model.rotary_emb(x, pos)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q_end, k_end, half = heads * head_dim, (heads + kv_heads) * head_dim, head_dim // 2
+    k_end, half = (heads + kv_heads) * head_dim, head_dim // 2
     mask = None if mask is None else mask.to(ATTENTION_DTYPE)
+    a, m = torch.empty_like(x, dtype=KERNEL_DTYPE), None      # the matmuls' bf16 inputs
 
     def rotate(t):
         return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
 
     for i, (w1, eps1, qkv, out, w2, eps2, gate_up, down, scale) in enumerate(layers):
-        y = qkv(_norm(x, w1, eps1).view(n, -1))
-        q = rotate(y[:, :q_end].view(1, n, heads, head_dim).transpose(1, 2))
-        k = rotate(y[:, q_end:k_end].view(1, n, kv_heads, head_dim).transpose(1, 2))
-        v = y[:, k_end:].view(1, n, kv_heads, head_dim).transpose(1, 2)
-        k, v = cache.update(k.to(ATTENTION_DTYPE), v.to(ATTENTION_DTYPE), i)
-        o = F.scaled_dot_product_attention(q.to(ATTENTION_DTYPE), k, v, attn_mask=mask,
+        y = qkv(_norm(x, w1, eps1, a).view(n, -1))
+        qk = rotate(y[:, :k_end].view(1, n, heads + kv_heads, head_dim).transpose(1, 2))
+        v = y[:, k_end:].view(1, n, kv_heads, head_dim).transpose(1, 2).float()
+        k, v = cache.update(qk[:, heads:], v, i)
+        o = F.scaled_dot_product_attention(qk[:, :heads].to(ATTENTION_DTYPE), k.to(ATTENTION_DTYPE),
+                                           v.to(ATTENTION_DTYPE), attn_mask=mask,
                                            scale=scale, enable_gqa=kv_heads != heads)
-        x = x + out(o.transpose(1, 2).reshape(n, -1).to(x.dtype)).view(1, n, -1)
-        gu = gate_up(_norm(x, w2, eps2).view(n, -1))
-        inter = gu.shape[-1] // 2
-        x = x + down(F.silu(gu[:, :inter]) * gu[:, inter:]).view(1, n, -1)
+        x.add_(out(o.to(KERNEL_DTYPE).transpose(1, 2).reshape(n, -1)).view(1, n, -1))
+        gu = gate_up(_norm(x, w2, eps2, a).view(n, -1))
+        if m is None:
+            m = torch.empty(n, gu.shape[-1] // 2, dtype=KERNEL_DTYPE)
+        g, u = gu.split(m.shape[-1], -1)
+        x.add_(down(torch.mul(F.silu(g.float()), u, out=m)).view(1, n, -1))
     x = model.model.norm(x[:, -keep:] if keep else x)
     return CausalLMOutputWithPast(logits=model.lm_head(x), past_key_values=cache)

@@ -274,23 +274,21 @@ def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     return config.num_hidden_layers * 2 * kv_heads * head_dim * tokens * torch.finfo(dtype).bits // 8
 
 
-def work_bytes(config, tree_budget: int, context: int, dtype: torch.dtype,
-               kv_dtype: torch.dtype | None = None) -> int:
+def work_bytes(config, tree_budget: int, context: int, dtype: torch.dtype) -> int:
     """Memory that a target pass needs beside the weights, in a `context`-token conversation with
     trees of `tree_budget` nodes: the KV cache of every layer (the tree's entries included), and
     the peak of one pass: a layer's activations over its rows (the tree's, or a chunk of a
     prompt: `PREFILL_CHUNK`), that is the MLP's three intermediates, the mask, keys and values
     expanded to every query head; and the logits of every node. For a Llama-3-70B in bf16, an
     8192-token context and 2048-node trees: 3.4 GB of KV cache, 0.5 GB of logits, 0.9 GB of
-    activations. The cache is in `kv_dtype` (default `dtype`; float64 under the CPU's lean
-    forward, `offload.cpu_forward`). 0 when `context` is 0 (nothing to plan for)."""
+    activations. 0 when `context` is 0 (nothing to plan for)."""
     if not context:
         return 0
     size = torch.finfo(dtype).bits // 8
     heads, _, head_dim = _heads(config)
     nodes, keys = tree_budget + 1, context + tree_budget + 1
     rows = max(nodes, min(context, PREFILL_CHUNK))
-    kv_cache = kv_cache_bytes(config, keys, kv_dtype or dtype)
+    kv_cache = kv_cache_bytes(config, keys, dtype)
     layer = rows * (4 * config.hidden_size + 3 * config.intermediate_size) * size \
         + rows * keys * size + 2 * heads * head_dim * keys * size
     logits = nodes * config.vocab_size * size
@@ -332,13 +330,7 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
     fixed = _bytes(model, dtype) - layer_bytes * n if fixed_bytes is None else fixed_bytes
     if context:
         context = min(context, model_context(model.config))
-    kv_dtype = None  # the lean forward's float64 cache, when every layer stays in RAM (below)
-    if device.type == "cpu" and kernels and comes_packed:
-        from .cpu_forward import ARCHITECTURES, ATTENTION_DTYPE
-
-        kv_dtype = ATTENTION_DTYPE if model.config.model_type in ARCHITECTURES else None
-    work = work_bytes(model.config, tree_budget, context, dtype, kv_dtype) \
-        + dequant_bytes(entries, dtype)
+    work = work_bytes(model.config, tree_budget, context, dtype) + dequant_bytes(entries, dtype)
     if ram_free is None:
         import psutil
 
@@ -369,8 +361,6 @@ def plan_placement(model, device: torch.device, quant: int = 16, offload: str = 
             resident = min(resident, n - 1)
     resident = max(0, min(n, int(resident)))
     streamed = n - resident
-    if kv_dtype is not None and streamed:  # no lean forward with streamed layers: float32 cache
-        work = work_bytes(model.config, tree_budget, context, dtype) + dequant_bytes(entries, dtype)
     in_ram = fixed + resident * kept if device.type == "cpu" else 0  # the host's own share
     source = "ram"
     if offload == "disk" or (offload == "auto" and streamed and
