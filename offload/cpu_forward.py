@@ -5,8 +5,8 @@ small model is mostly Python: transformers' layer code makes ~15 module calls a 
 mask and position arguments, and dispatches attention through its interface. This forward does
 the same arithmetic as transformers' Llama layers (RMSNorm in float32, the rotary embedding from
 the model's own rotary module, SDPA with the key/value heads shared, SiLU MLP) in a plain loop
-over per-layer tensors gathered once: on SmolLM2-135M, 2 cores, a one-token pass takes 6.3 ms
-instead of 8.7 ms (docs/BENCHMARKS.md).
+over per-layer tensors gathered once: on SmolLM2-135M, 2 cores, a one-token pass took 6.3 ms
+instead of 8.7 ms (docs/BENCHMARKS.md, run 2).
 
 Attention is computed in float64 (over the float32 keys and values of the cache). The kernels
 take bf16 inputs, so a difference in the last float32 bit of a layer's attention (SDPA over a
@@ -14,9 +14,10 @@ tree's rows and over one row sums in different orders: ~2e-7) can round a bf16 i
 way, and over 30 layers move the logits by 0.1-0.4: with float32 attention, greedy output changed
 with the draft, the budget and the threads (10 of 24 replies on Spec-Bench prompts, 48 tokens,
 n-gram 4/16 and the distilled draft 8). In float64 the schedules differ by ~1e-16, which the
-rounding to float32 absorbs but about once in 1e9 values: 0 of 24. It costs 4% of a one-token pass
-at 170 tokens of context and 17% at 1,400 (SmolLM2-135M, 2 cores; a float64 cache would cost
-twice that: the pass is bound by reading the cache). docs/BENCHMARKS.md has the figures.
+rounding to float32 absorbs but about once in 1e9 values: 0 of 24. It costs ~13 % of a one-token
+pass at Spec-Bench contexts (SmolLM2-135M, 2 cores; docs/BENCHMARKS.md), growing with the
+context (converting each layer's keys and values); a float64 cache cost twice that, as reading
+the cache bounds that part of the pass.
 
 It serves the calls the engine makes (`core.lm.run`: ids, positions, a 4-D additive mask or none
 for one row, a cache, `logits_to_keep`); any other call (transformers' `generate`, a call without
