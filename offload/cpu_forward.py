@@ -31,7 +31,6 @@ import types
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -74,10 +73,12 @@ def _sdpa_float64(module, query, key, value, attention_mask, *args, **kwargs):
     """transformers' SDPA attention computed in `ATTENTION_DTYPE`, output in the query's dtype:
     the same schedule invariance as the lean forward for the calls that go through
     transformers' layers (its `generate`, architectures the lean forward does not take)."""
+    from specexec_app.core.lm import _attention  # transformers' SDPA, GQA kept on a CPU
+
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.to(ATTENTION_DTYPE)
-    out, weights = sdpa_attention_forward(module, query.to(ATTENTION_DTYPE), key.to(ATTENTION_DTYPE),
-                                          value.to(ATTENTION_DTYPE), attention_mask, *args, **kwargs)
+    out, weights = _attention(module, query.to(ATTENTION_DTYPE), key.to(ATTENTION_DTYPE),
+                              value.to(ATTENTION_DTYPE), attention_mask, *args, **kwargs)
     return out.to(query.dtype), weights
 
 

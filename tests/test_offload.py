@@ -433,3 +433,36 @@ def test_on_a_cpu_auto_4bit_keeps_packed_layers_in_ram_before_refusing():
                        tree_budget=64, dtype=torch.float32)
     assert p.resident_layers == 80 and p.streamed_layers == 0
     assert p.fixed_bytes + 80 * p.resident_layer_bytes + p.work_bytes < 51.1 * 2**30 - 2 * 2**30
+
+
+@pytest.mark.parametrize("quant,offload", [(16, "never"), (4, "never"), (8, "always")])
+def test_the_plan_holds_what_a_pass_allocates(quant, offload):
+    """`work_bytes` is at least what a pass really allocates, measured by the CPU allocator's own
+    events (offload/memprobe.py: kernels' scratch included) on top of the KV cache already held:
+    the prompt's prefill and a tree pass, at several contexts and budgets, for a float32 model,
+    packed kernels with the lean forward, and streamed int8 layers with their dequant workspace."""
+    from offload.memprobe import AllocationPeak
+    from specexec_app.core.lm import Target
+
+    for context, budget in ((100, 0), (100, 16), (300, 64), (300, 1)):
+        model = small_llama()
+        placement = plan_placement(model, CPU, quant, offload, context=context,
+                                   tree_budget=budget, ram_free=2**40)
+        offloaded = offload_model(model, CPU, placement)
+        target = Target(offloaded.model, context=context, offloaded=offloaded)
+        prompt = [(7 * i) % 500 + 1 for i in range(context - budget - 1)]
+        tree = Tree()
+        for i in range(budget):  # a bushy tree: node i under node i // 3
+            tree.add(i % 500 + 1, i // 3 - 1 if i >= 3 else -1, -0.1 * i)
+        with torch.inference_mode():
+            with AllocationPeak() as prefill:
+                target.verify(prompt, Tree())
+            target.commit(Tree(), [])
+            held = sum(t.untyped_storage().nbytes() for layer in target.kv.cache.layers
+                       for t in (layer.room_k, layer.room_v))
+            with AllocationPeak() as tree_pass:
+                logits = target.verify(prompt, tree)
+        assert logits.shape[0] == budget + 1 and prefill.peak > 0 and tree_pass.peak > 0
+        assert prefill.peak <= placement.work_bytes, (context, budget, prefill.peak, placement.work_bytes)
+        assert held + tree_pass.peak <= placement.work_bytes, \
+            (context, budget, held, tree_pass.peak, placement.work_bytes)
