@@ -33,3 +33,34 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path):
 def test_bench_bad_budgets_are_one_line_errors(tmp_path):
     r = CliRunner().invoke(app, ["bench", "--budgets", "4,x", "--out", str(tmp_path)])
     assert r.exit_code == 1 and r.stderr.startswith("error: --budgets and --chains")
+
+
+def test_an_offloaded_target_meets_the_accelerate_baseline_in_its_own_process(source, tmp_path):
+    """With the target's layers streamed, transformers' generate runs with accelerate's offload
+    in a process of its own, after ours has released its models; its rows come back, and every
+    method's greedy text is still generate's. (A small random Llama with the default model's
+    tokenizer: the default model streamed takes minutes here; weights drawn wide, so that its
+    next tokens are not numerical ties.)"""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    target = tmp_path / "small"
+    tok = AutoTokenizer.from_pretrained(source.path)
+    tok.save_pretrained(target)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                      initializer_range=0.5, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(target)
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--budgets", "4", "--chains", "2",
+                                      "--greedy-only", "--offload", "always", "--target",
+                                      str(target), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "baseline failed" not in result.output
+    data = json.loads((out / "results.json").read_text())
+    assert "streamed" in data["placement"]
+    overall = {r["method"]: r for r in data["summary"] if r["category"] == "all"}
+    assert overall["hf-generate"]["tokens"] > 0
+    assert all(r["exact"] is True for r in overall.values()), {m: r["exact"] for m, r in overall.items()}
+    hf = [r for r in data["runs"] if r["method"] == "hf-generate"]
+    assert len(hf) == 3 and all(r["new_tokens"] > 0 for r in hf)

@@ -1,7 +1,8 @@
-"""`specexec bench`: SpecExec against its peers on Spec-Bench prompts, in one process.
+"""`specexec bench`: SpecExec against its peers on Spec-Bench prompts, in one run.
 
 Methods, on the same target, draft, weights and placement: (1) `hf-generate`, transformers'
-`generate` (with accelerate's `device_map` offload when the target is offloaded); (2) `ours-ar`,
+`generate` (when the target is offloaded: with accelerate's `device_map` offload, in a process
+of its own once ours has released its models); (2) `ours-ar`,
 our target decoding one token per pass; (3) `chain-k`, classic speculative decoding with one
 draft chain of k tokens; (4) `specexec-b`, SpecExec trees of budget b, and the largest budget
 with drafting overlapped with verification (`-overlap`). Greedy and sampled
@@ -81,16 +82,21 @@ def methods(pipe, budgets: list[int], chains: list[int]) -> list[tuple[str, obje
 
 
 def run(pipe, hf_model, prompts: list[tuple[str, str]], budgets: list[int], chains: list[int],
-        max_new: int, modes: list[str], say: Say) -> list[dict]:
+        max_new: int, modes: list[str], say: Say, baseline: Callable | None = None) -> list[dict]:
+    """Every method on every prompt in every mode. transformers' `generate` runs on `hf_model`
+    in this process, or (`hf_model` None) through `baseline(encoded, modes, max_new)` after ours:
+    its rows in the same form (for the accelerate-offloaded baseline, in a process of its own)."""
     rows = []
     encoded = [(cat, pipe.encode(p)) for cat, p in prompts]
     # Warm up both paths once (first calls allocate and pick kernels).
-    hf_generate(hf_model, encoded[0][1], DecodeSettings(max_new_tokens=4), pipe.stop_ids)
+    if hf_model is not None:
+        hf_generate(hf_model, encoded[0][1], DecodeSettings(max_new_tokens=4), pipe.stop_ids)
     ours(pipe, pipe.drafter, encoded[0][1], DecodeSettings(budget=budgets[0], max_new_tokens=4))
     for mode in modes:
         temperature, top_p = MODES[mode]
-        reference: dict[int, list[int]] = {}
         for name, drafter, budget in methods(pipe, budgets, chains):
+            if drafter is None and hf_model is None:
+                continue
             say(f"{mode}: {name}")
             for i, (cat, ids) in enumerate(encoded):
                 settings = DecodeSettings(budget=max(budget, 1), temperature=temperature,
@@ -98,12 +104,17 @@ def run(pipe, hf_model, prompts: list[tuple[str, str]], budgets: list[int], chai
                                           overlap=name.endswith("-overlap"))
                 if drafter is None:
                     out, r = hf_generate(hf_model, ids, settings, pipe.stop_ids)
-                    reference[i] = out
                 else:
                     out, r = ours(pipe, drafter, ids, settings)
-                exact = out == reference.get(i) if mode == "greedy" else None
                 rows.append({"mode": mode, "method": name, "budget": budget, "category": cat,
-                             "prompt": i, "exact": exact, **r})
+                             "prompt": i, "out": out, **r})
+    if hf_model is None and baseline is not None:
+        say("transformers generate with accelerate's offload, in its own process")
+        rows += baseline(encoded, modes, max_new)
+    reference = {(r["mode"], r["prompt"]): r["out"] for r in rows if r["method"] == "hf-generate"}
+    for r in rows:  # greedy: is every method's text generate's?
+        ref = reference.get((r["mode"], r["prompt"]))
+        r["exact"] = r.pop("out") == ref if r["mode"] == "greedy" and ref is not None else None
     return rows
 
 
@@ -197,10 +208,10 @@ def bench(pipe, out: Path, quick: bool, budgets: list[int], chains: list[int], m
     out.mkdir(parents=True, exist_ok=True)
     cats = QUICK_CATEGORIES if quick else ALL_CATEGORIES
     prompts = bench_prompts(cats, count=per_category)
-    hf_model = pipe.target.model
-    if pipe.target.placement is not None:
-        hf_model = accelerate_offloaded(pipe, say)
-    rows = run(pipe, hf_model, prompts, budgets, chains, max_new, modes, say)
+    hf_model, baseline, notes = pipe.target.model, None, []
+    if pipe.target.placement is not None:  # offloaded: accelerate's baseline, once ours is freed
+        hf_model, baseline = None, lambda *job: accelerate_baseline(pipe, *job, notes=notes)
+    rows = run(pipe, hf_model, prompts, budgets, chains, max_new, modes, say, baseline)
     summary = summarize(rows)
     meta = {"date": datetime.date.today().isoformat(), "machine": machine(pipe),
             "target": pipe.target_name, "draft": pipe.draft_name,
@@ -214,7 +225,7 @@ def bench(pipe, out: Path, quick: bool, budgets: list[int], chains: list[int], m
     write_atomic(out / "results.json", json.dumps(
         meta | {"summary": list(summary.values()), "runs": rows}, indent=1) + "\n")
     write_atomic(out / "results.md", markdown(summary, header))
-    files, notes = [out / "results.json", out / "results.md"], []
+    files = [out / "results.json", out / "results.md"]
     try:
         files += plots(summary, out)
     except ImportError:
@@ -229,30 +240,75 @@ def machine(pipe) -> str:
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {gpu}, torch {torch.__version__}")
 
 
-def accelerate_offloaded(pipe, say: Say):
-    """The same checkpoint through transformers + accelerate's device_map offload, within the same
-    GPU memory budget as our placement (the baseline most people run), and with the same RAM
-    when ours streams from disk (accelerate's disk offload)."""
+def accelerate_baseline(pipe, encoded, modes: list[str], max_new: int, notes: list[str]) -> list[dict]:
+    """transformers' `generate` over the same checkpoint with accelerate's `device_map` offload,
+    within the GPU memory budget our placement had (the baseline most people run), and with the
+    RAM ours held when it streams from disk (accelerate's disk offload). It runs in a process of
+    its own after ours has released its models: side by side in one process, a target that fills
+    the GPU leaves the baseline nothing, and a 70B would be held twice in RAM. A failure there is
+    a note, not the end of the benchmark."""
+    import gc
+    import subprocess
+    import sys
+    import tempfile
+
+    p, dev, src = pipe.target.placement, pipe.target.device, pipe.source
+    memory, offload_folder = {"cpu": "1000GiB"}, None
+    if p.source == "disk":  # ours reads its streamed layers from disk: so does the baseline
+        memory["cpu"] = p.fixed_bytes + p.resident_layers * p.layer_bytes if dev.type == "cpu" else 2**30
+        offload_folder = tempfile.mkdtemp(prefix="specexec-accelerate-")
+    if dev.type == "cuda":
+        memory[str(dev.index or 0)] = p.budget_bytes or torch.cuda.mem_get_info(dev)[0]
+    job = {"path": src.path, "gguf_file": src.gguf_file, "device": dev.type, "memory": memory,
+           "offload_folder": offload_folder, "modes": modes, "max_new": max_new,
+           "stop_ids": sorted(pipe.stop_ids), "encoded": encoded}
+    if pipe.target.streamer is not None:
+        pipe.target.streamer.close()
+    pipe.target.model = pipe.target.streamer = pipe.drafter = None  # ours, released
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory(prefix="specexec-bench-") as tmp:
+        job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "rows.json"
+        job_file.write_text(json.dumps(job))
+        done = subprocess.run([sys.executable, "-m", "specexec_app.tools.bench", str(job_file),
+                               str(out_file)], capture_output=True, text=True)
+        if offload_folder:
+            import shutil
+
+            shutil.rmtree(offload_folder, ignore_errors=True)
+        if done.returncode != 0 or not out_file.exists():
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            notes.append(f"the accelerate baseline failed ({last}): no hf-generate rows")
+            return []
+        return json.loads(out_file.read_text())
+
+
+def _baseline_process(job_file: str, out_file: str) -> None:
+    """The accelerate baseline's own process (`accelerate_baseline`): rows as `run` makes them."""
     from transformers import AutoModelForCausalLM
 
-    p, dev = pipe.target.placement, pipe.target.device
-    say("loading the accelerate-offloaded baseline")
-    ram, extra = "1000GiB", {}
-    if p.source == "disk":  # ours reads its streamed layers from disk: so does the baseline
-        import tempfile
-
-        ram = p.fixed_bytes + p.resident_layers * p.layer_bytes if dev.type == "cpu" else 2**30
-        extra = {"offload_folder": tempfile.mkdtemp(prefix="specexec-accelerate-")}
-    memory = {"cpu": ram}
-    if dev.type == "cuda":
-        memory[dev.index or 0] = p.budget_bytes or torch.cuda.mem_get_info(dev)[0]
-    src = pipe.source
+    job = json.loads(Path(job_file).read_text())
+    memory = {int(k) if k.isdigit() else k: v for k, v in job["memory"].items()}
+    extra = {"offload_folder": job["offload_folder"]} if job["offload_folder"] else {}
     model = AutoModelForCausalLM.from_pretrained(
-        src.path, gguf_file=src.gguf_file, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
+        job["path"], gguf_file=job["gguf_file"],
+        dtype=torch.bfloat16 if job["device"] == "cuda" else torch.float32,
         local_files_only=True, device_map="auto", max_memory=memory, **extra)
-    if extra:  # its copy of the weights goes with it
-        import shutil
-        import weakref
+    stops, rows = set(job["stop_ids"]), []
+    hf_generate(model, job["encoded"][0][1], DecodeSettings(max_new_tokens=4), stops)  # warm-up
+    for mode in job["modes"]:
+        temperature, top_p = MODES[mode]
+        for i, (cat, ids) in enumerate(job["encoded"]):
+            settings = DecodeSettings(temperature=temperature, top_p=top_p,
+                                      max_new_tokens=job["max_new"], seed=i)
+            out, r = hf_generate(model, ids, settings, stops)
+            rows.append({"mode": mode, "method": "hf-generate", "budget": 0, "category": cat,
+                         "prompt": i, "out": out, **r})
+    write_atomic(Path(out_file), json.dumps(rows))
 
-        weakref.finalize(model, shutil.rmtree, extra["offload_folder"], True)
-    return model
+
+if __name__ == "__main__":
+    import sys
+
+    _baseline_process(*sys.argv[1:3])

@@ -318,7 +318,8 @@ def bench_cmd(
     opts: dict = None,
 ) -> None:
     """SpecExec against transformers generate, our target alone, and classic speculative decoding,
-    on Spec-Bench prompts in one process: JSON, a Markdown table and plots in --out."""
+    on Spec-Bench prompts in one run (an offloaded target's accelerate baseline in a process of its
+    own, after ours): JSON, a Markdown table and plots in --out."""
     from specexec_app.files import check_out_folder
     from specexec_app.loading.session import pick_device
     from specexec_app.tools.bench import bench
