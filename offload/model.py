@@ -281,7 +281,8 @@ def work_bytes(config, tree_budget: int, context: int, dtype: torch.dtype) -> in
     prompt: `PREFILL_CHUNK`), that is the MLP's three intermediates, the mask, keys and values
     expanded to every query head; and the logits of every node. For a Llama-3-70B in bf16, an
     8192-token context and 2048-node trees: 3.4 GB of KV cache, 0.5 GB of logits, 0.9 GB of
-    activations. 0 when `context` is 0 (nothing to plan for)."""
+    activations, 0.1 GB for a long prompt's hidden states (prefilled layer by layer). 0 when
+    `context` is 0 (nothing to plan for)."""
     if not context:
         return 0
     size = torch.finfo(dtype).bits // 8
@@ -292,7 +293,10 @@ def work_bytes(config, tree_budget: int, context: int, dtype: torch.dtype) -> in
     layer = rows * (4 * config.hidden_size + 3 * config.intermediate_size) * size \
         + rows * keys * size + 2 * heads * head_dim * keys * size
     logits = nodes * config.vocab_size * size
-    return kv_cache + layer + logits
+    # A prompt longer than a chunk goes layer by layer (`core.lm`): its hidden states and rotary
+    # embedding are held whole between layers.
+    prompt = context * (config.hidden_size + 2 * head_dim) * size if context > PREFILL_CHUNK else 0
+    return kv_cache + layer + logits + prompt
 
 
 def plan_placement(model, device: torch.device, quant: int = 16, offload: str = "auto",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -38,6 +40,7 @@ class LayerStreamer:
         self.device = device
         self.n_buffers = max(1, min(n_buffers, len(layers)))
         self.bytes_streamed = 0
+        self.wrap = True  # the last layer's release fetches the first ones (see layer_major)
         self.cuda = device.type == "cuda"
         self.on_disk = any(isinstance(layer, DiskLayer) for layer in layers)
         self.streaming = bool(layers) and (self.cuda or self.on_disk)
@@ -156,6 +159,20 @@ class LayerStreamer:
             return
         if self.cuda:
             self.freed[self._slot(i)].record(torch.cuda.current_stream(self.device))
-        if i == len(self.layers) - 1:  # the next pass starts from the first streamed layers
+        if i == len(self.layers) - 1 and self.wrap:  # the next pass starts from the first layers
             for j in range(self.n_buffers):
                 self.prefetch(j)
+
+    @contextmanager
+    def layer_major(self):
+        """While each layer runs more than once in a row (a long prompt's chunks, layer by layer),
+        the last layer's release must not start fetching the first ones into buffers that later
+        chunks still read; they are fetched when it ends."""
+        self.wrap = False
+        try:
+            yield
+        finally:
+            self.wrap = True
+            if self.streaming:
+                for j in range(self.n_buffers):
+                    self.prefetch(j)

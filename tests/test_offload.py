@@ -466,3 +466,33 @@ def test_the_plan_holds_what_a_pass_allocates(quant, offload):
         assert prefill.peak <= placement.work_bytes, (context, budget, prefill.peak, placement.work_bytes)
         assert held + tree_pass.peak <= placement.work_bytes, \
             (context, budget, held, tree_pass.peak, placement.work_bytes)
+
+
+def test_a_long_prompt_reads_each_streamed_layer_once(tmp_path, monkeypatch):
+    """A prompt of several chunks goes through a disk-streamed target layer by layer: each layer
+    is read once for all its chunks (then once more for the pass that ends the prompt), not once
+    a chunk, and the logits and KV cache are those of a pass per chunk, bit for bit."""
+    from offload.loader import load_offloaded
+    from specexec_app.core import lm
+
+    monkeypatch.setattr(lm, "PREFILL_CHUNK", 16)
+    small_llama(layers=4).save_pretrained(tmp_path / "small")
+    offloaded = load_offloaded(tmp_path / "small", CPU, 16, "disk", None, 0, torch.float32)
+    model, streamer = offloaded.model, offloaded.streamer
+    assert streamer.streaming and offloaded.placement.streamed_layers == 4
+    model_bytes = sum(layer.nbytes for layer in streamer.layers)
+    prompt = [(5 * i) % 500 + 1 for i in range(70)]  # 4 chunks of 16, then the pass with the tree
+    results = []
+    for layer_major in (True, False):
+        kv = TokenCache()
+        before = streamer.bytes_streamed
+        with torch.inference_mode():
+            logits = forward_tree(model, kv, prompt, tree_batch(),
+                                  streamer if layer_major else None)
+        results.append((logits, [layer.keys.clone() for layer in kv.cache.layers],
+                        streamer.bytes_streamed - before))
+    (got, keys, read), (want, want_keys, read_per_chunk) = results
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(keys, want_keys))
+    assert read_per_chunk >= 5 * model_bytes - 2 * streamer.layers[0].nbytes  # 4 chunks + 1 pass
+    # the chunks together, the pass, and the first layers fetched ahead for the next pass
+    assert read <= 2 * model_bytes + streamer.n_buffers * streamer.layers[0].nbytes

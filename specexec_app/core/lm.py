@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specexec_app.core.kvcache import TokenCache
-from specexec_app.core.tree import Tree, tree_inputs
+from specexec_app.core.tree import Tree, padded_mask, tree_inputs
 
 
 ATTENTION = "specexec_sdpa"
@@ -73,7 +73,8 @@ def model_device(model) -> torch.device:
 PREFILL_CHUNK = 2048  # most rows of one pass over pending tokens (a long prompt goes in chunks)
 
 
-def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree) -> torch.Tensor:
+def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree,
+                 streamer=None) -> torch.Tensor:
     """One pass over `pending` tokens then `tree` on top of `kv`; the new entries are appended to
     the cache (pending first, then nodes in order) and `kv.tokens` is left unchanged. A long run
     of pending tokens (a prompt) first goes through in chunks, so that no pass computes more than
@@ -85,12 +86,47 @@ def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree) -> torch
     would take another 1 GB of GPU memory): row 0 after the last pending token (the root), row
     1 + i after node i.
     """
-    rows, done = max(PREFILL_CHUNK, len(tree) + 1), 0
+    rows, done, spans = max(PREFILL_CHUNK, len(tree) + 1), 0, []
     while len(pending) - done > 1 and len(pending) - done + len(tree) > rows:
         n = min(rows, len(pending) - done - 1)
-        _forward(model, kv, len(kv.tokens) + done, pending[done:done + n], Tree())
+        spans.append((done, done + n))
         done += n
+    if len(spans) > 1 and streamer is not None and streamer.streaming and \
+            model.config.model_type in LAYER_MAJOR:
+        with streamer.layer_major():
+            _prefill_layer_major(model, kv, len(kv.tokens), pending, spans)
+    else:
+        for a, b in spans:
+            _forward(model, kv, len(kv.tokens) + a, pending[a:b], Tree())
     return _forward(model, kv, len(kv.tokens) + done, pending[done:], tree)
+
+
+# Decoder stacks whose forward is: embed, rotary embedding, the layers over one mask, norm
+# (no embedding scale, no per-layer mask kinds within our full-attention context).
+LAYER_MAJOR = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _prefill_layer_major(model, kv: TokenCache, past: int, tokens: list[int],
+                         spans: list[tuple[int, int]]) -> None:
+    """`tokens[a:b]` for every span, through the model one layer at a time: each layer runs over
+    every span before the next layer starts, so a streamed layer crosses the bus (or is read
+    from disk) once for the whole prompt instead of once a span. The same arithmetic as a pass
+    per span, in another order: every span of a layer sees the cache of the spans before it."""
+    inner, device, dtype = model.model, model_device(model), mask_dtype(model)
+    end = spans[-1][1]
+    ids = torch.as_tensor([tokens[:end]], device=device)
+    pos = torch.arange(past, past + end, device=device)[None]
+    with torch.inference_mode():
+        hidden = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(hidden, pos)
+        for layer in inner.layers[: model.config.num_hidden_layers]:
+            for a, b in spans:  # each span's mask is rebuilt here: only one exists at a time
+                mask = padded_mask(b - a, past + b, dtype, device, past + a)
+                mask[:, past + a:].triu_(1)
+                out = layer(hidden[:, a:b], attention_mask=mask[None, None],
+                            position_embeddings=(cos[:, a:b], sin[:, a:b]),
+                            position_ids=pos[:, a:b], past_key_values=kv.cache, use_cache=True)
+                hidden[:, a:b] = out[0] if isinstance(out, tuple) else out
 
 
 def mask_dtype(model) -> torch.dtype:
@@ -165,7 +201,7 @@ class Target:
     def verify(self, tokens: list[int], tree: Tree) -> torch.Tensor:
         """Target logits [1 + len(tree), V] at the root (last of `tokens`) and at every node."""
         self._pending = self.kv.sync(tokens)
-        return forward_tree(self.model, self.kv, self._pending, tree)
+        return forward_tree(self.model, self.kv, self._pending, tree, self.streamer)
 
     def commit(self, tree: Tree, path: list[int]) -> None:
         """Keep the pending tokens and the accepted `path` nodes of the last `verify`."""
