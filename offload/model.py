@@ -448,7 +448,8 @@ def offload_model(model, device: torch.device, placement: Placement,
                 layers[i].to(device, dtype)  # now, so that resident layers never pile up on the host
             else:
                 layer_packed = pack_layer(layers[i], placement.quant, dtype,
-                                          pin=i >= first and device.type == "cuda")
+                                          pin=i >= first and device.type == "cuda",
+                                          compute=device if device.type == "cuda" else None)
         if layer_packed is not None:
             _free(layers[i])
             slot = Slot()

@@ -202,3 +202,20 @@ def test_a_gguf_target_streams_its_blocks_on_the_device(tmp_path, offload, monke
         got = logits_of(off.model)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
     assert trips.total_inside == 0, trips.inside
+
+
+@pytest.mark.parametrize("quant", [8, 4])
+def test_layers_quantized_at_load_on_the_device_pack_as_on_the_cpu(tiny, quant):
+    """NF4 and int8 at load are computed on the GPU when there is one (offload.store.pack_layer's
+    `compute`): the same packed layout, and the same codes as the CPU's but for rounding ties."""
+    from offload.store import pack_layer, unpack
+
+    layer = tiny[0].model.layers[0]
+    on_cpu = pack_layer(layer, quant, torch.float32)
+    on_device = pack_layer(layer, quant, torch.float32, compute=DEVICE)
+    assert on_device.entries == on_cpu.entries and on_device.buffer.device.type == "cpu"
+    differ = (on_device.buffer != on_cpu.buffer).float().mean().item()
+    assert differ < 1e-3, differ  # a code at a rounding tie may go either way
+    for name, w in unpack(on_cpu.entries, on_cpu.buffer).items():
+        torch.testing.assert_close(unpack(on_device.entries, on_device.buffer)[name], w,
+                                   rtol=0.02, atol=0.02)
