@@ -84,7 +84,8 @@ def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree,
     Returns logits [1 + len(tree), V] in the model's dtype (rows are made float32 one at a time
     where they are sampled: for a 2048-node tree and a 128k vocabulary a float32 copy of them all
     would take another 1 GB of GPU memory): row 0 after the last pending token (the root), row
-    1 + i after node i.
+    1 + i after node i. With the `streamer` of a streamed target, a prompt of several chunks goes
+    layer by layer (`_prefill_layer_major`): its layers are streamed once, not once a chunk.
     """
     rows, done, spans = max(PREFILL_CHUNK, len(tree) + 1), 0, []
     while len(pending) - done > 1 and len(pending) - done + len(tree) > rows:
