@@ -219,3 +219,17 @@ def test_a_damaged_gguf_is_named_before_its_metadata_is_read(tmp_path, monkeypat
     with open(smollm2_gguf(), "rb") as f:
         (tmp_path / "cut.gguf").write_bytes(f.read(cut))
     one_line_error(runner.invoke(app, ["run", "hi", "--target", str(tmp_path / "cut.gguf")]), needle)
+
+
+def test_a_prompt_from_stdin_loses_only_its_final_newlines(monkeypatch):
+    """`echo "..." | specexec run -` gives the prompt `specexec run "..."` gives (the newline
+    that ends a file or an echo is not part of it); lines inside it stay."""
+    import io
+
+    from specexec_app.ui import cli as cli_module
+
+    for sent, want in ((b"Write a haiku about rain.\n", "Write a haiku about rain."),
+                       (b"line one\nline two\r\n\n", "line one\nline two"),
+                       (b"  indented\n", "  indented")):
+        monkeypatch.setattr(cli_module.sys, "stdin", io.TextIOWrapper(io.BytesIO(sent)))
+        assert cli_module.read_prompt("-") == want

@@ -46,6 +46,7 @@ message). Commands:
   /set system TEXT|none      system prompt (starts a new conversation)
   /set footer on|off         stats line after each reply
   /set overlap on|off        draft the next tree while the target verifies
+  /set threads N             the CPU threads the models compute with
   /set parameter NAME VALUE  the same, as Ollama writes it
   /show [template]           settings, models, placement; or the chat template
   /stats                     last reply and session: load, prompt and generation speed,

@@ -110,9 +110,10 @@ def load(config, console: Console = err):
 
 
 def read_prompt(prompt: str) -> str:
-    """The prompt as given, or stdin's for '-': text that is valid UTF-8 and not empty."""
+    """The prompt as given, or stdin's for '-' (without the newline that ends a file or an
+    `echo`): text that is valid UTF-8 and not empty."""
     try:
-        text = sys.stdin.buffer.read().decode("utf-8") if prompt == "-" else prompt
+        text = sys.stdin.buffer.read().decode("utf-8").rstrip("\r\n") if prompt == "-" else prompt
         text.encode("utf-8")  # an argument with bytes that are not UTF-8 holds lone surrogates
     except (UnicodeDecodeError, UnicodeEncodeError):
         raise UserError("the prompt is not valid UTF-8 text") from None
