@@ -126,8 +126,8 @@ def install(model) -> bool:
                 and (mask.dim() == 4 if mask is not None else ids.shape[1] == 1))
         if not lean:  # the call as it came, to transformers' layers
             return original(*args, **kwargs)
-        return _forward(self, layers, heads, kv_heads, head_dim, ids, pos, mask, cache,
-                        kwargs.get("logits_to_keep", 0))
+        return _forward(self, layers, heads, kv_heads, head_dim, config.intermediate_size, ids,
+                        pos, mask, cache, kwargs.get("logits_to_keep", 0))
 
     model.forward = types.MethodType(forward, model)
     return True
@@ -138,7 +138,7 @@ def _norm(x, weight, eps, out):
     return torch.mul(weight, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), out=out)
 
 
-def _forward(model, layers, heads, kv_heads, head_dim, ids, pos, mask, cache, keep):
+def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, cache, keep):
     """The arithmetic of transformers' layers (with `_sdpa_float64`) bit for bit, in fewer ops:
     matmul inputs rounded to bf16 as they are written, kernel outputs added in float32 without a
     float32 copy, q and k rotated together, the residual stream updated in place."""
@@ -148,7 +148,8 @@ def _forward(model, layers, heads, kv_heads, head_dim, ids, pos, mask, cache, ke
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     k_end, half = (heads + kv_heads) * head_dim, head_dim // 2
     mask = None if mask is None else mask.to(ATTENTION_DTYPE)
-    a, m = torch.empty_like(x, dtype=KERNEL_DTYPE), None      # the matmuls' bf16 inputs
+    a = torch.empty_like(x, dtype=KERNEL_DTYPE)               # the matmuls' bf16 inputs
+    m = torch.empty(n, inter, dtype=KERNEL_DTYPE)
 
     def rotate(t):
         return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
@@ -162,10 +163,7 @@ def _forward(model, layers, heads, kv_heads, head_dim, ids, pos, mask, cache, ke
                                            v.to(ATTENTION_DTYPE), attn_mask=mask,
                                            scale=scale, enable_gqa=kv_heads != heads)
         x.add_(out(o.to(KERNEL_DTYPE).transpose(1, 2).reshape(n, -1)).view(1, n, -1))
-        gu = gate_up(_norm(x, w2, eps2, a).view(n, -1))
-        if m is None:
-            m = torch.empty(n, gu.shape[-1] // 2, dtype=KERNEL_DTYPE)
-        g, u = gu.split(m.shape[-1], -1)
+        g, u = gate_up(_norm(x, w2, eps2, a).view(n, -1)).split(inter, -1)
         x.add_(down(torch.mul(F.silu(g.float()), u, out=m)).view(1, n, -1))
     x = model.model.norm(x[:, -keep:] if keep else x)
     return CausalLMOutputWithPast(logits=model.lm_head(x), past_key_values=cache)

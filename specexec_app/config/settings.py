@@ -11,7 +11,7 @@ from specexec_app.core.settings import (DEFAULT_BUDGET, MAX_BUDGET, MAX_CONTEXT,
                                        check_choice, check_range)
 from specexec_app.errors import UserError
 
-__all__ = ["DecodeSettings", "LoadSpec", "RunConfig", "parse_size", "resolve"]
+__all__ = ["DecodeSettings", "LoadSpec", "RunConfig", "check_threads", "parse_size", "resolve"]
 QUANTS = (16, 8, 4)
 OFFLOADS = ("auto", "always", "disk", "never")
 DRAFTERS = ("auto", "gpu", "cpu")
@@ -21,6 +21,16 @@ def check_device(name: str) -> str:
     if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N (got {name!r})")
     return name
+
+
+def check_threads(threads: int) -> None:
+    """CPU threads for the model's math: at least 1, at most twice the machine's (more only slow
+    it down)."""
+    most = 2 * (os.cpu_count() or 1)
+    check_range(threads, "--threads", 1, 1 << 20)
+    if threads > most:
+        raise UserError(f"--threads {threads} is more than twice the {most // 2} CPU "
+                        f"threads of this machine (at most {most})")
 
 
 @dataclass(frozen=True)
@@ -53,12 +63,8 @@ class LoadSpec:
             check_range(self.context, "--context", 2, MAX_CONTEXT)
         if self.gpu_memory is not None:
             check_range(self.gpu_memory, "--gpu-memory", 1, 1 << 50)
-        if self.threads is not None:  # more threads than the machine runs only slows it down
-            most = 2 * (os.cpu_count() or 1)
-            check_range(self.threads, "--threads", 1, 1 << 20)
-            if self.threads > most:
-                raise UserError(f"--threads {self.threads} is more than twice the {most // 2} CPU "
-                                f"threads of this machine (at most {most})")
+        if self.threads is not None:
+            check_threads(self.threads)
 
 
 @dataclass(frozen=True)

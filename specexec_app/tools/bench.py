@@ -73,7 +73,7 @@ def ours(pipe, drafter, ids: list[int], settings: DecodeSettings):
 
 
 def methods(pipe, budgets: list[int], chains: list[int]) -> list[tuple[str, object, int]]:
-    out = [("hf-generate", None, 0), ("ours-ar", NoDraft(), 1)]
+    out = [("ours-ar", NoDraft(), 1)]
     chain = ChainDrafter(pipe.drafter)
     out += [(f"chain-{k}", chain, k) for k in chains]
     out += [(f"specexec-{b}", pipe.drafter, b) for b in budgets]
@@ -81,36 +81,45 @@ def methods(pipe, budgets: list[int], chains: list[int]) -> list[tuple[str, obje
     return out
 
 
-def run(pipe, hf_model, prompts: list[tuple[str, str]], budgets: list[int], chains: list[int],
-        max_new: int, modes: list[str], say: Say, baseline: Callable | None = None) -> list[dict]:
-    """Every method on every prompt in every mode. transformers' `generate` runs on `hf_model`
-    in this process, or (`hf_model` None) through `baseline(encoded, modes, max_new)` after ours:
-    its rows in the same form (for the accelerate-offloaded baseline, in a process of its own)."""
+def hf_rows(model, encoded, modes: list[str], max_new: int, stop_ids: set[int]) -> list[dict]:
+    """transformers' `generate` on `model` over every prompt in every mode (after a warm-up), as
+    rows of `run`."""
+    rows = []
+    hf_generate(model, encoded[0][1], DecodeSettings(max_new_tokens=4), stop_ids)
+    for mode in modes:
+        temperature, top_p = MODES[mode]
+        for i, (cat, ids) in enumerate(encoded):
+            settings = DecodeSettings(temperature=temperature, top_p=top_p,
+                                      max_new_tokens=max_new, seed=i)
+            out, r = hf_generate(model, ids, settings, stop_ids)
+            rows.append({"mode": mode, "method": "hf-generate", "budget": 0, "category": cat,
+                         "prompt": i, "out": out, **r})
+    return rows
+
+
+def run(pipe, prompts: list[tuple[str, str]], budgets: list[int], chains: list[int],
+        max_new: int, modes: list[str], say: Say, baseline: Callable) -> list[dict]:
+    """Every method on every prompt in every mode: ours here, then transformers' `generate`
+    through `baseline(encoded, modes, max_new)` (`hf_rows`, in this process or, for the
+    accelerate-offloaded baseline, in one of its own)."""
     rows = []
     encoded = [(cat, pipe.encode(p)) for cat, p in prompts]
-    # Warm up both paths once (first calls allocate and pick kernels).
-    if hf_model is not None:
-        hf_generate(hf_model, encoded[0][1], DecodeSettings(max_new_tokens=4), pipe.stop_ids)
+    # Warm up once (first calls allocate and pick kernels).
     ours(pipe, pipe.drafter, encoded[0][1], DecodeSettings(budget=budgets[0], max_new_tokens=4))
     for mode in modes:
         temperature, top_p = MODES[mode]
         for name, drafter, budget in methods(pipe, budgets, chains):
-            if drafter is None and hf_model is None:
-                continue
             say(f"{mode}: {name}")
             for i, (cat, ids) in enumerate(encoded):
-                settings = DecodeSettings(budget=max(budget, 1), temperature=temperature,
+                settings = DecodeSettings(budget=budget, temperature=temperature,
                                           top_p=top_p, max_new_tokens=max_new, seed=i,
                                           overlap=name.endswith("-overlap"))
-                if drafter is None:
-                    out, r = hf_generate(hf_model, ids, settings, pipe.stop_ids)
-                else:
-                    out, r = ours(pipe, drafter, ids, settings)
+                out, r = ours(pipe, drafter, ids, settings)
                 rows.append({"mode": mode, "method": name, "budget": budget, "category": cat,
                              "prompt": i, "out": out, **r})
-    if hf_model is None and baseline is not None:
-        say("transformers generate with accelerate's offload, in its own process")
-        rows += baseline(encoded, modes, max_new)
+    say("transformers generate")
+    rows += baseline(encoded, modes, max_new)
+    rows.sort(key=lambda r: (modes.index(r["mode"]), r["method"] != "hf-generate"))  # as tabled
     reference = {(r["mode"], r["prompt"]): r["out"] for r in rows if r["method"] == "hf-generate"}
     for r in rows:  # greedy: is every method's text generate's?
         ref = reference.get((r["mode"], r["prompt"]))
@@ -208,10 +217,12 @@ def bench(pipe, out: Path, quick: bool, budgets: list[int], chains: list[int], m
     out.mkdir(parents=True, exist_ok=True)
     cats = QUICK_CATEGORIES if quick else ALL_CATEGORIES
     prompts = bench_prompts(cats, count=per_category)
-    hf_model, baseline, notes = pipe.target.model, None, []
-    if pipe.target.placement is not None:  # offloaded: accelerate's baseline, once ours is freed
-        hf_model, baseline = None, lambda *job: accelerate_baseline(pipe, *job, notes=notes)
-    rows = run(pipe, hf_model, prompts, budgets, chains, max_new, modes, say, baseline)
+    notes: list[str] = []
+    if pipe.target.placement is None:
+        baseline = lambda *job: hf_rows(pipe.target.model, *job, pipe.stop_ids)  # noqa: E731
+    else:  # offloaded: accelerate's baseline, once ours is freed
+        baseline = lambda *job: accelerate_baseline(pipe, *job, notes=notes)  # noqa: E731
+    rows = run(pipe, prompts, budgets, chains, max_new, modes, say, baseline)
     summary = summarize(rows)
     meta = {"date": datetime.date.today().isoformat(), "machine": machine(pipe),
             "target": pipe.target_name, "draft": pipe.draft_name,
@@ -295,16 +306,7 @@ def _baseline_process(job_file: str, out_file: str) -> None:
         job["path"], gguf_file=job["gguf_file"],
         dtype=torch.bfloat16 if job["device"] == "cuda" else torch.float32,
         local_files_only=True, device_map="auto", max_memory=memory, **extra)
-    stops, rows = set(job["stop_ids"]), []
-    hf_generate(model, job["encoded"][0][1], DecodeSettings(max_new_tokens=4), stops)  # warm-up
-    for mode in job["modes"]:
-        temperature, top_p = MODES[mode]
-        for i, (cat, ids) in enumerate(job["encoded"]):
-            settings = DecodeSettings(temperature=temperature, top_p=top_p,
-                                      max_new_tokens=job["max_new"], seed=i)
-            out, r = hf_generate(model, ids, settings, stops)
-            rows.append({"mode": mode, "method": "hf-generate", "budget": 0, "category": cat,
-                         "prompt": i, "out": out, **r})
+    rows = hf_rows(model, job["encoded"], job["modes"], job["max_new"], set(job["stop_ids"]))
     write_atomic(Path(out_file), json.dumps(rows))
 
 

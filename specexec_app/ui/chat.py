@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text as RichText
 
-from specexec_app.config.settings import DecodeSettings, LoadSpec
+from specexec_app.config.settings import DecodeSettings, check_threads
 from specexec_app.core.engine import Done, Notice, Pass, Stats, Text
 from specexec_app.errors import UserError
 from specexec_app.files import write_atomic
@@ -382,9 +382,10 @@ class ChatREPL:
             return
         if key == "threads":  # the model's CPU threads, from the next reply on
             try:
-                threads = LoadSpec(threads=int(value)).threads  # validates
+                threads = int(value)
             except ValueError:
                 raise UserError(f"threads takes a whole number (got {value!r})") from None
+            check_threads(threads)
             torch.set_num_threads(threads)
             self.say(f"threads = {threads}", "dim")
             return
