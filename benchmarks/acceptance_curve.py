@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--growth", choices=("new", "old"), default="new")
     ap.add_argument("--quant", type=int, default=None,
                     help="the target's --quant (16: a GGUF expanded to float32, as the 2026-11-23 table)")
+    ap.add_argument("--no-seed", action="store_true",
+                    help="no seeding of trees with the text's own continuation (drafts/model.py)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/acceptance.json"))
     args = ap.parse_args()
 
@@ -46,6 +48,8 @@ def main() -> None:
         from draft_bench import OldDrafter
 
         drafter = OldDrafter(drafter.model, drafter.vocab_size, stop_ids=drafter.stop_ids)
+    if args.no_seed:
+        drafter.seed = False
     prompts = bench_prompts(args.categories.split(","))
     encoded = [(cat, pipe.encode(p)) for cat, p in prompts]
     rows = []
@@ -77,7 +81,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.date.today().isoformat(), "machine": platform.platform(terse=True),
-        "target": pipe.target_name, "draft": pipe.draft_name, "growth": args.growth, "prompts": len(encoded),
+        "target": pipe.target_name, "draft": pipe.draft_name, "growth": args.growth,
+        "seed": not args.no_seed, "prompts": len(encoded),
         "categories": [c for c, _ in encoded], "max_new_tokens": args.max_new_tokens,
         "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -24,9 +24,10 @@ import torch
 
 import drafts.model as dm
 from drafts.model import ModelDrafter
+from specexec_app.core.kvcache import CACHE_ARG
 from specexec_app.core.lm import forward_tree, model_device
 from specexec_app.core.tree import Tree
-from specexec_app.loading.session import build
+from specexec_app.loading.session import build_named
 from specexec_app.tools.prompts import bench_prompts
 
 
@@ -105,7 +106,7 @@ class OldDrafter(ModelDrafter):
         with torch.inference_mode():
             out = self._forward(lambda: self.model(input_ids=ids, position_ids=pos,
                                                    attention_mask=mask,
-                                                   past_key_values=self.kv.cache, use_cache=True))
+                                                   use_cache=True, **{CACHE_ARG: self.kv.cache}))
         return self._logprobs(out.logits[0])
 
 
@@ -168,7 +169,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.threads == 1:
         dm.CLOCK = time.thread_time
-    pipe = build(args.target, args.draft)
+    pipe = build_named(args.target, args.draft)
     d = pipe.drafter
     stops = d.stop_ids
     new = ModelDrafter(d.model, d.vocab_size, stop_ids=stops)

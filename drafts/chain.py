@@ -35,7 +35,7 @@ class ChainDrafter(Drafter):
             # below the depth limit.
             self.inner = ModelDrafter(inner.model, inner.vocab_size, top_k=1, expand_batch=1,
                                       max_depth=inner.max_depth, stop_ids=inner.stop_ids,
-                                      max_forwards=inner.max_depth + 1)
+                                      max_forwards=inner.max_depth + 1, seed=False)
 
     def reset(self) -> None:
         self.inner.reset()

@@ -10,9 +10,10 @@ import torch
 
 from specexec_app.core.kvcache import TokenCache
 from specexec_app.core.lm import forward_tree, mask_dtype, model_device, run, use_fast_attention
-from specexec_app.core.tree import GrowingTree, Tree
+from specexec_app.core.tree import GrowingTree, Tree, chain, likeliest_path, to_device
 
 from .base import Drafter
+from .ngram import NgramDrafter
 
 # Host timing (benchmarks/draft_bench.py swaps in time.thread_time to be deaf to other load).
 CLOCK = time.perf_counter
@@ -26,6 +27,7 @@ def expand_batch(budget: int) -> int:
 
 
 HEAD_ROWS = 32  # rows of draft logits normalised at once
+SEED_NGRAM = 2  # shortest suffix match that seeds a tree with the text's own continuation
 
 
 def top_k(x: torch.Tensor, k: int, width: int = 64) -> torch.Tensor:
@@ -73,6 +75,13 @@ class ModelDrafter(Drafter):
     (`--overlap`) does not queue behind the target's pass on the default stream; its forward
     time is taken with events on that stream, never by synchronising the device.
 
+    A tree grows one level a forward, so the forward cap bounds its depth; text that repeats
+    earlier text (extraction, quoting, code edits) can be predicted deeper than that. So when the
+    context's last SEED_NGRAM+ tokens occurred before, what followed them (`seed_chain`) runs in
+    the first forward with the root, as a chain of nodes scored by the draft like any other:
+    where the draft agrees with it, growth goes on from its end, levels below what the cap
+    allows; where it does not, the chain scores low and drops out of the kept set.
+
     Counters (cumulative, for the engine's stats): `forwards` (draft forwards; a prompt's
     prefill counts as one), `forward_s` (time inside them) and `propose_s` (time in `propose`);
     the host's share of drafting is propose_s - forward_s.
@@ -82,7 +91,8 @@ class ModelDrafter(Drafter):
 
     def __init__(self, model, vocab_size: int, top_k: int = 8, expand_batch: int | None = None,
                  max_depth: int = 32, stop_ids: frozenset[int] = frozenset(),
-                 max_forwards: int | None = None, threads: int | None = None):
+                 max_forwards: int | None = None, threads: int | None = None,
+                 seed: bool = True):
         use_fast_attention(model)
         self.model = model
         self.vocab_size = vocab_size  # ids past the shared tokenizer's vocabulary are never drafted
@@ -91,6 +101,7 @@ class ModelDrafter(Drafter):
         self.max_depth = max_depth
         self.max_forwards = max_forwards  # None: forward_cap(budget)
         self.stop_ids = stop_ids
+        self.seed = seed  # seed trees with the text's own continuation (`seed_chain`)
         self._stops = torch.tensor(sorted(stop_ids), dtype=torch.long).to(model_device(model))
         self.device = model_device(model)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -126,14 +137,40 @@ class ModelDrafter(Drafter):
         """[r, V] logits -> [r, vocab_size] float32 log-probabilities (one fused pass a row)."""
         return torch.log_softmax(logits[:, : self.vocab_size].float().contiguous(), -1)
 
-    def _top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[r, V] logits -> the top_k log-probabilities and token ids [r, k] of each row."""
+    def _top(self, logits: torch.Tensor, picks: torch.Tensor | None = None):
+        """[r, V] logits -> the top_k log-probabilities and token ids [r, k] of each row. With
+        `picks` [m] (m <= r), also the log-probability of picks[i] in row i [m], and picks[i] is
+        left out of row i's top_k (the chain of `seed_chain` holds it already)."""
         # In blocks of rows: on a CPU, one [256, 49152] log-softmax costs 3x eight [32, 49152]
         # ones (a fresh 50 MB output faults its pages in); on a GPU a block is one launch more.
-        out = [top_k(self._logprobs(block), self.top_k) for block in logits.split(HEAD_ROWS)]
+        out, picked = [], []
+        for start, block in zip(range(0, len(logits), HEAD_ROWS), logits.split(HEAD_ROWS)):
+            lp = self._logprobs(block)
+            if picks is not None and start < len(picks):
+                cols = picks[start:start + HEAD_ROWS, None]
+                picked.append(lp[:len(cols)].gather(1, cols)[:, 0])
+                lp[:len(cols)].scatter_(1, cols, -math.inf)
+            out.append(top_k(lp, self.top_k))
         values, ids = (torch.cat(x) for x in zip(*out))
         # Rounding must never lift a child above its parent: the kept set's closure rests on it.
-        return values.clamp(max=0.0), ids
+        if picks is None:
+            return values.clamp(max=0.0), ids
+        return values.clamp(max=0.0), ids, torch.cat(picked).clamp(max=0.0)
+
+    def seed_chain(self, tokens: list[int]) -> list[int]:
+        """What followed the latest earlier occurrence of the context's last 2-4 tokens, up to
+        max_depth - 1 tokens (up to a stop token, within the draft's vocabulary); [] if none."""
+        if not self.seed or self.max_depth < 2:
+            return []
+        found = NgramDrafter(max_ngram=4, min_ngram=SEED_NGRAM, max_depth=self.max_depth - 1,
+                             max_matches=4).propose(tokens, 16 * self.max_depth)
+        out = []
+        for node in likeliest_path(found):
+            tok = found.tokens[node]
+            if tok >= self.vocab_size or tok in self.stop_ids:
+                break
+            out.append(tok)
+        return out
 
     def _timed(self, spans: list, forward):
         """Run `forward`, noting its span: events on the draft's stream, or host time on a CPU."""
@@ -163,14 +200,28 @@ class ModelDrafter(Drafter):
     def _grow(self, tokens: list[int], budget: int, spans: list) -> Tree:
         self._reuse_last_tree(tokens)
         pending = self.kv.sync(tokens)
-        root = self._timed(spans, lambda: forward_tree(self.model, self.kv, pending, Tree()))
+        guess = self.seed_chain(tokens) if budget > 0 else []
+        m = len(guess)
+        # Rows: the root, then each node of the guessed chain (cached after the pending tokens).
+        root = self._timed(spans, lambda: forward_tree(self.model, self.kv, pending, chain(guess)))
         self.kv.tokens = list(tokens)  # the pending tokens are now cached
         past = len(tokens)
 
-        grow = GrowingTree(self.device, self.max_depth, self._stops, capacity=self.top_k * (budget + 1),
-                           runs=budget + MIN_BATCH)
-        values, ids = self._top(root[-1:])
-        grow.add(torch.full_like(ids[0], -1), ids[0], values[0])
+        grow = GrowingTree(self.device, self.max_depth, self._stops,
+                           capacity=self.top_k * (budget + m + 1), runs=budget + MIN_BATCH + m)
+        if m:
+            picks = to_device([guess], self.device)[0]
+            # Each chain node's parent's top-k children are the best tokens but the chain's own.
+            values, ids, picked = self._top(root, picks)
+            scores = picked.cumsum(0)
+            grow.seed(picks, scores, past)
+            base = torch.cat([scores.new_zeros(1), scores])
+        else:
+            values, ids = self._top(root)
+            base = values.new_zeros(1)
+        k = ids.shape[1]
+        grow.add(torch.arange(-1, m, device=self.device).repeat_interleave(k), ids.flatten(),
+                 (base[:, None] + values).flatten())
         batch, dtype = self.expand_batch or expand_batch(budget), mask_dtype(self.model)
         cap = self.max_forwards or forward_cap(budget)
         while len(spans) < cap and budget > 0:

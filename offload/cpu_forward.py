@@ -34,6 +34,8 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from specexec_app.core.kvcache import CACHE_ARG
+
 from .kernels import KERNEL_DTYPE, KernelLinear, KernelSlice
 
 ARCHITECTURES = ("llama", "mistral")
@@ -166,4 +168,4 @@ def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, ca
         g, u = gate_up(_norm(x, w2, eps2, a).view(n, -1)).split(inter, -1)
         x.add_(down(torch.mul(F.silu(g.float()), u, out=m)).view(1, n, -1))
     x = model.model.norm(x[:, -keep:] if keep else x)
-    return CausalLMOutputWithPast(logits=model.lm_head(x), past_key_values=cache)
+    return CausalLMOutputWithPast(logits=model.lm_head(x), **{CACHE_ARG: cache})

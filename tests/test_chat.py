@@ -133,7 +133,8 @@ def test_multiline_set_and_turns_keep_the_conversation(pipe):
     r, out = repl(pipe, ['"""', "Name a color.", "Just one word.", '"""', "/set budget 3",
                          "/set max_tokens 12", "/set top_p 2", "/set colour red", "And another?"])
     assert r.settings.budget == 3 and r.settings.max_new_tokens == 12
-    assert "top-p must be in (0, 1]" in out and "cannot set colour" in out
+    assert "top_p must be in (0, 1] (got 2" in out and "cannot set colour" in out
+    assert "--top-p" not in out  # errors name the setting as typed, not the command line's flag
     assert [t["role"] for t in r.conv.turns] == ["user", "assistant", "user", "assistant"]
     assert r.conv.turns[0]["content"] == "Name a color.\nJust one word."
     assert len(r.history) == 2
@@ -223,7 +224,8 @@ def test_ollama_and_llama_cli_habits(pipe):
                          "/set system [link=http://x]click[/link] [/]"])
     assert r.settings.temperature == 0.5 and r.settings.max_new_tokens == 7
     assert pipe.tokenizer.chat_template.splitlines()[0] in out
-    assert "--temperature must be a finite number" in out and "--seed must be at most" in out
+    assert "temperature must be a finite number" in out and "seed must be at most" in out
+    assert "--temperature" not in out and "--seed" not in out
     r.cmd_show("")  # rich markup in a user string is printed as it is, not read (nor an error)
     assert "system" in r.console.file.getvalue().splitlines()[-3]
     assert "[link=http://x]click[/link] [/]" in r.console.file.getvalue()
@@ -240,7 +242,8 @@ def test_threads_are_set_and_shown_in_chat(pipe):
                              "/set max_tokens 4", "Hi", "/stats"])
         assert torch.get_num_threads() == 1 and "threads = 1" in out
         assert re.search(r"threads\s+1\b", out)
-        assert "--threads must be at least 1" in out and "threads takes a whole number" in out
+        assert "threads must be at least 1" in out and "threads takes a whole number" in out
+        assert "--threads" not in out
         assert "session (1 reply)" in out
     finally:
         torch.set_num_threads(before)

@@ -44,6 +44,10 @@ def test_prompt_longer_than_the_context():
     assert_one_line_error(invoke("hello " * 40, "--raw", "--context", "32"),
                           "the prompt has 41 tokens; the context is 32 (--context raises it, "
                           "up to 8192)")
+    # Asking for more than the model attends over: said, not silently lowered.
+    result = invoke("hello " * 9000, "--raw", "--context", "20000")
+    assert "note: --context 20000 is beyond what" in result.stderr and "using 8192 tokens" in result.stderr
+    assert "the context is 8192" in result.stderr and result.exit_code == 1
 
 
 def test_draft_with_another_tokenizer_is_refused(source, tmp_path):
@@ -99,6 +103,7 @@ def test_raw_greedy_stdout_is_exactly_the_continuation(model, tokenizer):
                            "--temperature", "0", "--max-new-tokens", "24", "--budget", "16"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no library warnings (transformers' renamed cache argument, ...)
     ids = tokenizer(prompt).input_ids
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
@@ -161,8 +166,28 @@ def test_repo_id_from_the_local_hf_cache(source, tmp_path):
                            "--target", "local/smollm2", "--max-new-tokens", "4"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout
+    assert proc.stdout and proc.stderr == ""  # the packed kernels' lean forward warns of nothing
     proc = subprocess.run([sys.executable, "-m", "specexec_app", "run", "Hello",
                            "--target", "local/absent"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 1 and "model not found: local/absent" in proc.stderr
+
+
+def test_pass_time_leaves_out_each_replys_first_pass():
+    """ms/pass in the stats line is a decode pass's time: each reply's first pass (which holds
+    the prompt's prefill) apart, as tokens/s; a session's sum of replies likewise."""
+    from specexec_app.core.engine import Pass, Stats
+    from specexec_app.ui.render import stats_line, total
+
+    replies = []
+    for prefill in (0.9, 0.5):
+        s = Stats()
+        for target_s, end in ((prefill, 1.0), (0.01, 1.1), (0.03, 1.2)):
+            s.add(Pass(tree_size=8, accepted=2, draft_s=0.0, target_s=target_s, end_s=end))
+        replies.append(s)
+    assert replies[0].pass_s == pytest.approx(0.02)
+    assert "20 ms/pass" in stats_line(replies[0])
+    assert total(replies).pass_s == pytest.approx(0.02)
+    one = Stats()
+    one.add(Pass(tree_size=0, accepted=1, draft_s=0.0, target_s=0.4, end_s=0.5))
+    assert one.pass_s == pytest.approx(0.4)  # a reply of one pass: that pass

@@ -261,7 +261,7 @@ def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_id
     lean forward (offload/cpu_forward.py), any other call through transformers' layers; both give
     the same logits, bit for bit, over a prompt with a tree on top and then one row on the cache
     it left."""
-    from specexec_app.core.kvcache import TokenCache, truncate
+    from specexec_app.core.kvcache import CACHE_ARG, TokenCache, truncate
     from specexec_app.core.lm import mask_dtype
     from specexec_app.core.tree import Tree, tree_inputs
     from test_offload import tree_batch
@@ -279,7 +279,7 @@ def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_id
             assert (mask is None) == (len(pending) + len(tree) == 1)
             with torch.inference_mode():
                 logits = kernel_model(input_ids=x, position_ids=pos, attention_mask=mask,
-                                      past_key_values=kv.cache, use_cache=True,
+                                      use_cache=True, **{CACHE_ARG: kv.cache},
                                       logits_to_keep=len(tree) + 1, **extra).logits[0].float()
             out.append(logits)
     for g, w in zip(got, want):  # the same arithmetic, attention in float64 on both paths

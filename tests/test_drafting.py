@@ -90,6 +90,42 @@ def test_forward_count_batch_and_early_stop(tiny):
     assert forward_cap(2048) == 16 and forward_cap(4096) == 20 and forward_cap(256) == 16
 
 
+def path_scores(model, prompt, tree: Tree) -> dict:
+    """{token path: cumulative log-probability} of every node of `tree`, each scored by a plain
+    causal forward of the prompt and the path."""
+    with torch.no_grad():
+        out = {}
+        for path in paths(tree):
+            lp = torch.log_softmax(model(torch.tensor([prompt + list(path)])).logits[0].float(), -1)
+            out[path] = sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(path))
+    return out
+
+
+def test_a_repeated_text_seeds_a_chain_deeper_than_the_forward_cap(tiny):
+    """The context ends with tokens seen before: what followed them runs as a chain in the root's
+    forward, scored by the draft like any node, so the tree goes deeper than its forwards allow
+    (one level a forward). Every node's score is its path's draft log-probability, no node has a
+    twin (a chain token among its parent's top-k children is kept once), and the tree stays closed."""
+    prompt = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 3, 7, 8, 9]  # ... 7 8 9 occurred before
+    drafter = ModelDrafter(tiny, VOCAB, top_k=3, max_depth=8, max_forwards=2)
+    assert drafter.seed_chain(prompt) == [10, 11, 12, 13, 14, 15, 16]  # max_depth - 1 tokens
+    tree = drafter.propose(prompt, 1000)
+    assert drafter.forwards == 2
+    got = paths(tree)
+    assert len(got) == len(tree)  # no two nodes with the same parent and token
+    assert all(path[:-1] in got for path in got if len(path) > 1)
+    assert (10, 11, 12, 13, 14, 15, 16) in got and max(tree.depths) == 8  # seed + a run's children
+    for path, score in path_scores(tiny, prompt, tree).items():
+        assert abs(got[path] - score) < 1e-4, path
+    # With a budget, the kept nodes are the best-scored ones of all that were scored.
+    small = ModelDrafter(tiny, VOCAB, top_k=3, max_depth=8, max_forwards=2).propose(prompt, 12)
+    kept = paths(small)
+    assert set(kept) == set(sorted(got, key=lambda p: (-got[p], len(p)))[:12])
+    # No repeat, no seed; and the classic chain drafter never seeds.
+    assert drafter.seed_chain([1, 2, 3, 4]) == []
+    assert ModelDrafter(tiny, VOCAB, seed=False).seed_chain(prompt) == []
+
+
 @pytest.mark.parametrize("budget", [2048, 4096])
 def test_wide_trees_take_few_forwards(tiny, budget):
     drafter = ModelDrafter(tiny, VOCAB)
@@ -127,9 +163,10 @@ def test_one_host_round_trip_per_forward(tiny):
     tiny.forward = counted_forward
     try:
         with mode:
-            drafter.propose([1, 2, 3, 4, 5], 300)
+            drafter.propose([1, 2, 3, 4, 5, 9, 3, 4, 5], 300)  # seeded: "3 4 5" came before
     finally:
         del tiny.forward
+    assert drafter.seed_chain([1, 2, 3, 4, 5, 9, 3, 4, 5])[:2] == [9, 3]
     rounds = drafter.forwards - 1  # the root's forward needs no count of nodes left
     assert rounds >= 5
     # One count of nodes left to run per round, one more to find none left (unless capped).

@@ -62,6 +62,8 @@ class Stats:
     prefill_s: float = 0.0      # the first pass: the prompt (less what was cached) and a tree
     first_token_s: float = 0.0  # from the start to the first token
     first_pass_tokens: int = 0
+    first_pass_target_s: float = 0.0  # the target's time in the first pass (with the prefill)
+    first_passes: int = 0  # 1 a reply (sums count the replies' first passes)
     tree_nodes: int = 0
     reused_trees: int = 0  # passes whose tree was drafted during the previous verification
     streamed_bytes: int = 0
@@ -72,6 +74,7 @@ class Stats:
     def add(self, p: Pass) -> None:
         if self.target_passes == 0:
             self.prefill_s, self.first_pass_tokens = p.end_s, p.accepted
+            self.first_pass_target_s, self.first_passes = p.target_s, 1
         if p.accepted and not self.new_tokens:
             self.first_token_s = p.end_s
         self.target_passes += 1
@@ -107,6 +110,11 @@ class Stats:
 
     @property
     def pass_s(self) -> float:
+        """A target pass's time, the passes after each reply's first (which holds the prompt's
+        prefill) apart, as tokens_per_s; all passes if there are no others."""
+        later = self.target_passes - self.first_passes
+        if later > 0:
+            return (self.target_s - self.first_pass_target_s) / later
         return self.target_s / self.target_passes if self.target_passes else 0.0
 
     @property

@@ -5,10 +5,16 @@ from __future__ import annotations
 import functools
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 MIN_ROOM = 256  # positions a layer's buffers hold at first
+# The keyword that takes the KV cache in transformers' forwards and outputs: `cache` since 5.24
+# (the old name then warns on every run, and is to go in 5.40), `past_key_values` before (the
+# GPU image has 5.17). Calls pass it as **{CACHE_ARG: cache}.
+CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 
 class GrowingLayer(DynamicLayer):

@@ -7,7 +7,7 @@ import threading
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from specexec_app.core.kvcache import TokenCache
+from specexec_app.core.kvcache import CACHE_ARG, TokenCache
 from specexec_app.core.tree import Tree, padded_mask, tree_inputs
 
 
@@ -126,7 +126,7 @@ def _prefill_layer_major(model, kv: TokenCache, past: int, tokens: list[int],
                 mask[:, past + a:].triu_(1)
                 out = layer(hidden[:, a:b], attention_mask=mask[None, None],
                             position_embeddings=(cos[:, a:b], sin[:, a:b]),
-                            position_ids=pos[:, a:b], past_key_values=kv.cache, use_cache=True)
+                            position_ids=pos[:, a:b], use_cache=True, **{CACHE_ARG: kv.cache})
                 hidden[:, a:b] = out[0] if isinstance(out, tuple) else out
 
 
@@ -142,7 +142,7 @@ def run(model, kv: TokenCache, ids: torch.Tensor, pos: torch.Tensor, mask: torch
     entries are appended. Returns the logits [rows, V] of the last `rows` rows."""
     with torch.inference_mode():
         out = model(input_ids=ids, position_ids=pos, attention_mask=mask,
-                    past_key_values=kv.cache, use_cache=True, logits_to_keep=rows)
+                    use_cache=True, logits_to_keep=rows, **{CACHE_ARG: kv.cache})
     return out.logits[0]
 
 

@@ -169,7 +169,7 @@ def mark_ancestors(mask: torch.Tensor, parents: torch.Tensor, nodes: torch.Tenso
     return depth
 
 
-def _to_device(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+def to_device(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     """Lists of ints -> one long tensor on `device`, copied once and without a host wait."""
     t = torch.tensor(rows, dtype=torch.long)
     if device.type == "cuda":
@@ -192,7 +192,7 @@ def tree_inputs(pending: list[int], tree: Tree, past_len: int, dtype: torch.dtyp
     p, n = len(pending), len(tree)
     assert p >= 1, "the root token must be among the pending tokens"
     q, width = p + n, past_len + p + n
-    sent = _to_device([pending + tree.tokens, [-1] * p + tree.parents], device)
+    sent = to_device([pending + tree.tokens, [-1] * p + tree.parents], device)
     ids, parents = sent[:1], sent[1, p:]
     pos = torch.arange(past_len, past_len + q, device=device)
     if q == 1:
@@ -254,6 +254,22 @@ class GrowingTree:
         self.open[new] = ((depths < self.max_depth) & scores.isfinite()
                           & ~torch.isin(tokens, self.stops))
         self.n += m
+
+    def seed(self, tokens: torch.Tensor, scores: torch.Tensor, past: int) -> None:
+        """Start the tree with a chain [L] that the draft has already run, in cache slots past ..
+        past + L - 1 (right after the prefix): node i below node i - 1 (node 0 below the root),
+        closed, its children still to add."""
+        assert self.n == 0 and self.runs == 0
+        m = len(tokens)
+        self._reserve(m)
+        steps = torch.arange(m, device=self.device)
+        self.tokens[:m], self.scores[:m] = tokens, scores
+        self.parents[:m], self.depths[:m], self.slots[:m] = steps - 1, steps + 1, past + steps
+        self.n = m
+        if m > len(self.seen):
+            self.seen = torch.zeros(m, m, dtype=torch.bool, device=self.device)
+        self.seen[:m, :m] = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()
+        self.runs = m
 
     def ranked(self, budget: int) -> torch.Tensor:
         """The best min(budget, n) nodes [k], best first: by score, ties to the lower index, so the

@@ -166,6 +166,16 @@ class Stopping:
             signal.signal(signal.SIGINT, old)
 
 
+@contextmanager
+def as_typed(attr: str, key: str):
+    """A setting's range error named as the user typed it in chat (`/set max_tokens 0`: "max_tokens
+    must be at least 1"), not as the command line's flag (--max-new-tokens)."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(str(e).replace("--" + attr.replace("_", "-"), key, 1)) from None
+
+
 class ChatREPL:
     """The loop: read a message or a command, run it, print. `read(prompt)` reads a line (a
     terminal line editor or `input` by default; tests pass their own)."""
@@ -385,7 +395,8 @@ class ChatREPL:
                 threads = int(value)
             except ValueError:
                 raise UserError(f"threads takes a whole number (got {value!r})") from None
-            check_threads(threads)
+            with as_typed("threads", "threads"):
+                check_threads(threads)
             torch.set_num_threads(threads)
             self.say(f"threads = {threads}", "dim")
             return
@@ -404,7 +415,8 @@ class ChatREPL:
                 parsed = kind(value)
             except ValueError:
                 raise UserError(f"{key} takes a number (got {value!r})") from None
-        self.settings = replace(self.settings, **{attr: parsed})  # validates
+        with as_typed(attr, key):
+            self.settings = replace(self.settings, **{attr: parsed})  # validates
         self.say(f"{key} = {getattr(self.settings, attr)}", "dim")
         planned = self.pipe.target.placement
         if key == "budget" and planned and planned.work_bytes and parsed > planned.tree_budget:

@@ -103,10 +103,15 @@ def load(config, console: Console = err):
 
     with console.status("loading models...", spinner="dots") if live else _Quiet() as status:
         try:
-            return build(config.load, status=lambda msg: status.update(escape(msg) + "..."),
+            pipe = build(config.load, status=lambda msg: status.update(escape(msg) + "..."),
                          progress=progress)
         finally:
             bar.stop()
+    asked, most = config.load.context, pipe.target.max_context
+    if asked and asked > most:
+        console.print(f"note: --context {asked} is beyond what {pipe.target_name} attends over; "
+                      f"using {most} tokens", soft_wrap=True, markup=False)
+    return pipe
 
 
 def read_prompt(prompt: str) -> str:
