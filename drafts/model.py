@@ -244,6 +244,24 @@ class ModelDrafter(Drafter):
         return final
 
 
+def keep_freed_memory(limit: int = 512 << 20) -> bool:
+    """On Linux with glibc, for a draft on the CPU: serve allocations of up to `limit` bytes from
+    the heap and keep what is freed there for reuse, process-wide, instead of mapping each block
+    over 32 MB fresh and unmapping it at free. A batch of 256 draft rows makes [256, 49152] logits
+    (50 MB) every forward, and fresh pages fault in one by one: measured on the development
+    machine (1 thread, distilled draft, 2048-node trees) draft forwards 2.72 -> 2.13 s a tree and
+    host work 148 -> 108 ms, for ~300 MB more resident memory (the heap keeps its peak). Returns
+    whether it took effect (elsewhere nothing changes)."""
+    import ctypes
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
+    except (OSError, AttributeError):
+        return False
+
+
 def cpu_draft_threads(cores: int | None = None) -> int:
     """Intra-op threads for a draft on the CPU beside a target on a GPU (`threads` of
     ModelDrafter): every core but two, one left to the thread that feeds the GPU (it launches

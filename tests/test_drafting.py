@@ -227,3 +227,27 @@ def test_a_one_row_pass_sends_no_mask_to_attention(tiny):
     torch.testing.assert_close(one[-1], plain[3], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[[0, 1, 2]], plain[[4, 5, 6]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[3], other[5], atol=1e-5, rtol=1e-5)
+
+
+def test_a_cpu_draft_keeps_freed_memory_for_reuse():
+    """keep_freed_memory (set when a model draft computes on the CPU): a block past glibc's
+    32 MB mapping threshold, like a 256-row batch's logits, comes from the heap, not from a fresh
+    mapping whose pages fault in one by one."""
+    import ctypes
+
+    from drafts.model import keep_freed_memory
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        pytest.skip("not glibc >= 2.33")
+    assert keep_freed_memory()
+    mapped = libc.mallinfo2().hblkhd
+    block = torch.ones(48 << 20, dtype=torch.uint8)
+    assert libc.mallinfo2().hblkhd == mapped and int(block.sum()) == 48 << 20

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from drafts import Drafter, ModelDrafter, NgramDrafter
-from drafts.model import cpu_draft_threads
+from drafts.model import cpu_draft_threads, keep_freed_memory
 from drafts.distilled import is_distilled, load_draft
 
 from specexec_app.core import engine
@@ -196,5 +196,7 @@ def make_drafter(draft: str, dsrc, src, model, ddev: torch.device, vocab: int, s
     # A draft on the CPU beside a target on a GPU: threads of its own, cores left to the thread
     # that feeds the GPU and to the disk readers.
     beside_gpu = ddev.type == "cpu" and model_device(model).type == "cuda"
+    if ddev.type == "cpu":
+        keep_freed_memory()
     return ModelDrafter(dmodel, vocab, stop_ids=frozenset(stops),
                         threads=cpu_draft_threads() if beside_gpu else None)
