@@ -64,9 +64,12 @@ def read_header(path: Path) -> tuple[dict[str, object], list[tuple[str, tuple[in
     shape, type number, offset) of a GGUF file, and where its data starts. A plain sequential
     read: the `gguf` package's reader builds every field, token lists included (seconds for a
     large vocabulary on every start)."""
+    import os
     import struct
 
     with open(path, "rb", buffering=1 << 20) as f:
+        file_size = os.fstat(f.fileno()).st_size
+
         def take(fmt: str):
             size = struct.calcsize(fmt)
             raw = f.read(size)
@@ -74,8 +77,14 @@ def read_header(path: Path) -> tuple[dict[str, object], list[tuple[str, tuple[in
                 raise ValueError("the header is cut short")
             return struct.unpack("<" + fmt, raw)[0]
 
+        def ahead(n: int, what: str) -> int:
+            """`n`, if the file has `n` more bytes (a damaged count must not read or loop for ever)."""
+            if n > file_size - f.tell():
+                raise ValueError(f"the header is damaged ({what} runs past the end of the file)")
+            return n
+
         def string() -> bytes:
-            return f.read(take("Q"))
+            return f.read(ahead(take("Q"), "a string"))
 
         def skip(kind: int) -> object:
             if kind == 8:
@@ -83,14 +92,18 @@ def read_header(path: Path) -> tuple[dict[str, object], list[tuple[str, tuple[in
             if kind == 9:
                 item, count = take("I"), take("Q")
                 if item == 8:
-                    for _ in range(count):
-                        f.seek(take("Q"), 1)
+                    for _ in range(ahead(count * 8, "an array") // 8):
+                        f.seek(ahead(take("Q"), "a string"), 1)
                 elif item in _SCALAR:
-                    f.seek(count * struct.calcsize(_SCALAR[item]), 1)
-                else:
-                    for _ in range(count):
+                    f.seek(ahead(count * struct.calcsize(_SCALAR[item]), "an array"), 1)
+                elif item == 9:
+                    for _ in range(ahead(count * 12, "an array") // 12):
                         skip(item)
+                else:
+                    raise ValueError(f"the header is damaged (metadata type {item})")
                 return None
+            if kind not in _SCALAR:
+                raise ValueError(f"the header is damaged (metadata type {kind})")
             return take(_SCALAR[kind])
 
         if f.read(4) != b"GGUF":
@@ -98,7 +111,9 @@ def read_header(path: Path) -> tuple[dict[str, object], list[tuple[str, tuple[in
         version = take("I")
         if version < 2:
             raise ValueError(f"GGUF version {version} is too old")
+        # Each metadata entry takes at least 12 bytes, each tensor info at least 24.
         n_tensors, n_kv = take("Q"), take("Q")
+        ahead(n_kv * 12 + n_tensors * 24, "the counts of entries")
         meta = {}
         for _ in range(n_kv):
             key = string().decode()
@@ -108,7 +123,10 @@ def read_header(path: Path) -> tuple[dict[str, object], list[tuple[str, tuple[in
         infos = []
         for _ in range(n_tensors):
             name = string().decode()
-            shape = tuple(take("Q") for _ in range(take("I")))
+            dims = take("I")
+            if dims > 8:
+                raise ValueError(f"the header is damaged (tensor {name} has {dims} dimensions)")
+            shape = tuple(take("Q") for _ in range(dims))
             infos.append((name, shape, take("I"), take("Q")))
         align = int(meta.get("general.alignment", 32))
         start = -(-f.tell() // align) * align
@@ -127,7 +145,7 @@ class GGUFModel:
         for part in self.parts:
             try:
                 meta, infos, start = read_header(part)
-            except (OSError, ValueError, UnicodeDecodeError) as e:
+            except (OSError, ValueError, UnicodeDecodeError, OverflowError, MemoryError) as e:
                 raise UserError(f"{part} is not a readable GGUF file ({e})") from e
             if part == self.parts[0]:
                 self.architecture = str(meta.get("general.architecture", "?"))

@@ -221,6 +221,38 @@ def test_a_damaged_gguf_is_named_before_its_metadata_is_read(tmp_path, monkeypat
     one_line_error(runner.invoke(app, ["run", "hi", "--target", str(tmp_path / "cut.gguf")]), needle)
 
 
+@pytest.mark.parametrize("at", [8, 16, 24, 200, 5000])
+def test_a_gguf_with_a_damaged_header_is_a_one_line_error(tmp_path, monkeypatch, at):
+    """Bytes overwritten in a GGUF's header (its counts, a type, a string's length): a one-line
+    error naming the file, never a KeyError or OverflowError from reading it (a count of 2^64
+    must not be read, allocated or looped over)."""
+    from specexec_app.loading.sources import smollm2_gguf
+
+    monkeypatch.setenv("SPECEXEC_HOME", str(tmp_path / "home"))
+    with open(smollm2_gguf(), "rb") as f:
+        data = bytearray(f.read(4_000_000))  # the header and the start of the weights
+    data[at:at + 64] = b"\xff" * 64
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    one_line_error(runner.invoke(app, ["run", "hi", "--target", str(tmp_path / "bad.gguf")]),
+                   "bad.gguf is not a readable GGUF file (the header is")
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.7"])
+def test_damaged_weights_that_give_nan_are_an_error_not_a_reply(tmp_path, monkeypatch, temperature):
+    """Bytes of a GGUF's weight blocks overwritten with 0xFF (NaN scales): the reply stops with a
+    one-line error saying so, where greedy decoding printed nothing and exited 0 (a NaN is its own
+    argmax) and sampling raised torch's RuntimeError."""
+    from specexec_app.loading.sources import smollm2_gguf
+
+    monkeypatch.setenv("SPECEXEC_HOME", str(tmp_path / "home"))
+    data = bytearray(smollm2_gguf().read_bytes())
+    data[60_000_000:60_004_096] = b"\xff" * 4096
+    (tmp_path / "nan.gguf").write_bytes(bytes(data))
+    one_line_error(runner.invoke(app, ["run", "hi", "--target", str(tmp_path / "nan.gguf"),
+                                       "--temperature", temperature, "--max-new-tokens", "4"]),
+                   "the model's output is not a number (NaN or inf): its weights are likely damaged")
+
+
 def test_a_prompt_from_stdin_loses_only_its_final_newlines(monkeypatch):
     """`echo "..." | specexec run -` gives the prompt `specexec run "..."` gives (the newline
     that ends a file or an echo is not part of it); lines inside it stay."""

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from specexec_app.core.tree import Tree
+from specexec_app.errors import UserError
+
+NOT_A_NUMBER = ("the model's output is not a number (NaN or inf): its weights are likely damaged "
+                "(download the model again)")
 
 
 class Sampler:
@@ -36,10 +42,18 @@ class Sampler:
         return probs
 
     def __call__(self, logits: torch.Tensor) -> int:
-        """[V] logits -> one token id."""
+        """[V] logits -> one token id. Logits that are not numbers (damaged weights) are an error,
+        not a token: a NaN is its own argmax, and sampling would fail in torch."""
         if self.greedy:
-            return int(logits.argmax())
-        return int(torch.multinomial(self.probs(logits).cpu(), 1, generator=self.generator))
+            top = logits.max(-1)  # value and index read back together: one host round trip
+            value, token = torch.stack([top.values.float(), top.indices.float()]).tolist()
+            if not math.isfinite(value):
+                raise UserError(NOT_A_NUMBER)
+            return int(token)
+        probs = self.probs(logits).cpu()
+        if not bool(probs.isfinite().all()):
+            raise UserError(NOT_A_NUMBER)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 def accept(tree: Tree, logits: torch.Tensor, sample: Sampler) -> tuple[list[int], list[int]]:
