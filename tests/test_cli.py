@@ -191,3 +191,19 @@ def test_pass_time_leaves_out_each_replys_first_pass():
     one = Stats()
     one.add(Pass(tree_size=0, accepted=1, draft_s=0.0, target_s=0.4, end_s=0.5))
     assert one.pass_s == pytest.approx(0.4)  # a reply of one pass: that pass
+
+
+def test_tokens_per_s_when_later_passes_only_drew_the_end_of_the_text():
+    """A reply whose tokens all came in its first pass, later passes only drawing the end of the
+    text, shows the reply's speed, not 0.00 tok/s; counts of one read in the singular."""
+    from specexec_app.core.engine import Pass, Stats
+    from specexec_app.ui.render import stats_line
+
+    s = Stats(prompt_tokens=1)
+    s.add(Pass(tree_size=8, accepted=4, draft_s=0.0, target_s=0.5, end_s=1.0))
+    s.add(Pass(tree_size=8, accepted=0, draft_s=0.0, target_s=0.1, end_s=2.0))
+    assert s.tokens_per_s == pytest.approx(2.0)
+    one = Stats(prompt_tokens=1)
+    one.add(Pass(tree_size=0, accepted=1, draft_s=0.0, target_s=0.4, end_s=0.5))
+    line = stats_line(one)
+    assert "prompt 1 token," in line and "generation 1 token," in line and "over 1 pass," in line

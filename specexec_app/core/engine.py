@@ -94,8 +94,9 @@ class Stats:
     @property
     def tokens_per_s(self) -> float:
         """Generation speed: the tokens after the first pass over the time after it (the
-        prefill apart, as llama.cpp and Ollama report it); the whole reply if it took one pass."""
-        if self.target_passes > 1 and self.wall_s > self.prefill_s:
+        prefill apart, as llama.cpp and Ollama report it); the whole reply if no token came after
+        the first pass (one pass, or later passes that only drew the end of the text)."""
+        if self.new_tokens > self.first_pass_tokens and self.wall_s > self.prefill_s:
             return (self.new_tokens - self.first_pass_tokens) / (self.wall_s - self.prefill_s)
         return self.overall_tokens_per_s
 

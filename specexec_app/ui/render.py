@@ -13,15 +13,20 @@ from specexec_app.config.profile import Profile
 from specexec_app.core.engine import Stats
 
 
+def count(n: int, noun: str) -> str:
+    """'1 token', '2 tokens'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def stats_line(s: Stats, load: bool = False, stop: bool = True) -> str:
     """Load, prompt and generation apart (as llama.cpp's and Ollama's footers), then the
     speculative figures: tokens accepted per target pass, pass and draft time, GB/s streamed."""
     parts = [f"load {s.load_s:.2f} s"] if load else []
     cached = f", {s.reused_prompt_tokens} cached" if s.reused_prompt_tokens else ""
-    parts.append(f"prompt {s.prompt_tokens} tokens{cached}, {s.prompt_tokens_per_s:.1f} tok/s")
-    parts.append(f"generation {s.new_tokens} tokens, {s.tokens_per_s:.2f} tok/s, first token "
+    parts.append(f"prompt {count(s.prompt_tokens, 'token')}{cached}, {s.prompt_tokens_per_s:.1f} tok/s")
+    parts.append(f"generation {count(s.new_tokens, 'token')}, {s.tokens_per_s:.2f} tok/s, first token "
                  f"{s.first_token_s:.2f} s")
-    spec = (f"{s.accepted_per_pass:.2f} accepted/pass over {s.target_passes} passes, "
+    spec = (f"{s.accepted_per_pass:.2f} accepted/pass over {count(s.target_passes, 'pass')}, "
             f"{s.pass_s * 1000:.0f} ms/pass, draft {s.draft_s:.2f} s")
     if s.streamed_bytes:
         spec += f", streamed {s.streamed_gb_per_s:.1f} GB/s"
