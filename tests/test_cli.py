@@ -206,4 +206,8 @@ def test_tokens_per_s_when_later_passes_only_drew_the_end_of_the_text():
     one = Stats(prompt_tokens=1)
     one.add(Pass(tree_size=0, accepted=1, draft_s=0.0, target_s=0.4, end_s=0.5))
     line = stats_line(one)
+    assert one.prompt_tokens_per_s == pytest.approx(2.5)  # over the target's 0.4 s
+    drafted = Stats(prompt_tokens=100)
+    drafted.add(Pass(tree_size=64, accepted=3, draft_s=1.0, target_s=0.5, end_s=1.5))
+    assert drafted.prompt_tokens_per_s == pytest.approx(200)  # the first tree's drafting apart
     assert "prompt 1 token," in line and "generation 1 token," in line and "over 1 pass," in line

@@ -106,8 +106,11 @@ class Stats:
 
     @property
     def prompt_tokens_per_s(self) -> float:
+        """The prompt (less what was cached) over the target's time in the first pass: the
+        drafting of the first tree apart (a model draft's can be most of that pass)."""
         done = self.prompt_tokens - self.reused_prompt_tokens
-        return done / self.prefill_s if self.prefill_s > 0 else 0.0
+        seconds = self.first_pass_target_s or self.prefill_s
+        return done / seconds if seconds > 0 else 0.0
 
     @property
     def pass_s(self) -> float:
