@@ -47,7 +47,8 @@ def top_k(x: torch.Tensor, k: int, width: int = 64) -> torch.Tensor:
     cols = (blocks[..., None] * width + torch.arange(width, device=x.device)).flatten(1)
     vals = x.gather(1, cols.clamp(max=v - 1)).masked_fill(cols >= v, -math.inf)
     values, at = vals.topk(k)
-    return values, cols.gather(1, at)
+    # A row with fewer than k finite values can pick a padded column: a valid id (score -inf).
+    return values, cols.gather(1, at).clamp(max=v - 1)
 
 
 def forward_cap(budget: int) -> int:
@@ -199,7 +200,9 @@ class ModelDrafter(Drafter):
 
     def _grow(self, tokens: list[int], budget: int, spans: list) -> Tree:
         self._reuse_last_tree(tokens)
-        pending = self.kv.sync(tokens)
+        # A token the draft's vocabulary lacks (a target's padded ids past a smaller draft's)
+        # goes in as id 0: the draft only guesses from it, and the target verifies every guess.
+        pending = [t if t < self.vocab_size else 0 for t in self.kv.sync(tokens)]
         guess = self.seed_chain(tokens) if budget > 0 else []
         m = len(guess)
         # Rows: the root, then each node of the guessed chain (cached after the pending tokens).
@@ -213,7 +216,9 @@ class ModelDrafter(Drafter):
             picks = to_device([guess], self.device)[0]
             # Each chain node's parent's top-k children are the best tokens but the chain's own.
             values, ids, picked = self._top(root, picks)
-            scores = picked.cumsum(0)
+            # Non-increasing down the chain by construction (a parallel scan on a GPU may round
+            # a prefix sum up by an ulp, which would put a child above its parent).
+            scores = picked.cumsum(0).cummin(0).values
             grow.seed(picks, scores, past)
             base = torch.cat([scores.new_zeros(1), scores])
         else:

@@ -39,6 +39,7 @@ def cli(*args, input=None, env=None, limit_bytes=None, timeout=300):
     (["run", "hi", "--temperature", "nan"], "--temperature must be a finite number"),
     (["run", "hi", "--temperature", "inf"], "--temperature must be a finite number"),
     (["run", "hi", "--temperature", "1e9"], "--temperature must be at most 100"),
+    (["run", "hi", "--temperature", "1e-40"], "--temperature must be 0 (greedy) or at least 1e-05"),
     (["run", "hi", "--top-p", "nan"], "--top-p must be a finite number"),
     (["run", "hi", "--seed", str(2**63)], "--seed must be at most"),
     (["run", "hi", "--budget", "100000"], "--budget must be at most 16384"),

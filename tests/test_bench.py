@@ -64,3 +64,29 @@ def test_an_offloaded_target_meets_the_accelerate_baseline_in_its_own_process(so
     assert all(r["exact"] is True for r in overall.values()), {m: r["exact"] for m, r in overall.items()}
     hf = [r for r in data["runs"] if r["method"] == "hf-generate"]
     assert len(hf) == 3 and all(r["new_tokens"] > 0 for r in hf)
+
+
+def test_the_transformers_baseline_ignores_the_checkpoints_generation_config():
+    """hf_generate is the model's own greedy decoding even when the checkpoint's generation
+    config sets a repetition penalty (Qwen2.5-Instruct's: 1.05), which transformers applies to
+    greedy decoding too, and leaves that config in place."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specexec_app.config.settings import DecodeSettings
+    from specexec_app.tools.bench import hf_generate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    ids = [1, 2, 3, 4]
+    argmax = list(ids)
+    with torch.no_grad():
+        for _ in range(20):
+            argmax.append(int(model(torch.tensor([argmax])).logits[0, -1].argmax()))
+    model.generation_config.repetition_penalty = 5.0
+    out, _ = hf_generate(model, ids, DecodeSettings(max_new_tokens=20), {63})
+    new = argmax[len(ids):]
+    assert out == new[: new.index(63)] if 63 in new else out == new
+    assert model.generation_config.repetition_penalty == 5.0

@@ -251,3 +251,48 @@ def test_a_cpu_draft_keeps_freed_memory_for_reuse():
     mapped = libc.mallinfo2().hblkhd
     block = torch.ones(48 << 20, dtype=torch.uint8)
     assert libc.mallinfo2().hblkhd == mapped and int(block.sum()) == 48 << 20
+
+
+def test_a_draft_with_a_smaller_vocabulary_than_the_target(tiny):
+    """A target whose vocabulary is past the draft's (Qwen2.5's padded 152064 against its small
+    drafts' 151936): a token only the target has goes into the draft as a guess, not an
+    IndexError, and the output is still the target's greedy output."""
+    from specexec_app.config.settings import DecodeSettings
+    from specexec_app.core import engine
+    from specexec_app.core.lm import Target
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=3 * VOCAB, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, initializer_range=0.3)
+    target = LlamaForCausalLM(cfg).eval()
+    prompt = [3, 7, 11, 13, 17, 19, 23, 29]
+    with torch.no_grad():
+        ref = target.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    assert max(ref) >= VOCAB  # the target writes a token the draft lacks
+
+    class Tok:
+        def decode(self, ids, **kw):
+            return ""
+
+    done = list(engine.generate(Target(target), ModelDrafter(tiny, VOCAB, top_k=4, max_depth=4),
+                                prompt, DecodeSettings(budget=8, max_new_tokens=24), Tok(), set()))[-1]
+    assert done.token_ids == ref
+
+
+def test_top_k_of_a_row_with_few_finite_values_gives_valid_ids():
+    """The two-step top-k (block maxima, then the best blocks) over a row with fewer finite
+    values than k (a vocabulary masked to -inf) returns ids inside the row, never a padded
+    column past it (the target's embedding would raise on it)."""
+    from drafts.model import top_k
+
+    v = 8 * 64 + 5  # a partial last block
+    x = torch.full((2, v), float("-inf"))
+    x[0, [3, 100, 200, 300, v - 1]] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    x[1] = torch.randn(v)
+    values, ids = top_k(x, 8)
+    assert int(ids.max()) < v and int(ids.min()) >= 0
+    assert ids[0, :5].tolist() == [v - 1, 300, 200, 100, 3]
+    torch.testing.assert_close(values[1], x[1].topk(8).values)
+    assert ids[1].tolist() == x[1].topk(8).indices.tolist()

@@ -157,3 +157,22 @@ def test_the_cache_grows_in_place_and_holds_what_concatenation_would():
     assert cache.layers[0].room_k.shape[-2] >= MIN_ROOM
     # 40 passes of 7 entries grew the buffers twice at most (256 -> 512), never per pass
     assert len(buffers) <= 3
+
+
+def test_a_truncate_stopped_between_layers_is_finished_by_the_next_sync():
+    """Ctrl+C can land between two layers of a truncate: the first layer cut, the others still
+    holding a rejected tree's entries. The next sync sees the longest layer, not the first, and
+    cuts them all, so the next pass does not attend to stale entries."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=3, num_attention_heads=4,
+                                        num_key_value_heads=2)).eval()
+    kv = TokenCache()
+    forward_tree(tiny, kv, [1, 2, 3, 4, 5, 6], Tree())
+    kv.tokens = [1, 2, 3, 4, 5, 6]
+    layer = kv.cache.layers[0]
+    layer.keys, layer.values = layer.keys[..., :3, :], layer.values[..., :3, :]  # stopped here
+    kv.tokens = [1, 2, 3]
+    assert kv.sync([1, 2, 3, 9]) == [9]
+    assert all(layer.keys.shape[-2] == 3 for layer in kv.cache.layers)

@@ -167,3 +167,36 @@ def test_stopped_and_failed_replies_leave_no_thread(tiny):
         list(engine.generate(target, Failing(), [1, 2, 3],
                              DecodeSettings(budget=4, max_new_tokens=50, overlap=True), Tok(), set()))
     assert not draft_threads()
+
+
+def test_ctrl_c_while_stopping_waits_for_the_draft_in_flight():
+    """A second Ctrl+C while a stopped reply waits for its draft thread does not leave that
+    thread drafting beside the next reply (both would use the draft's cache): the wait goes on,
+    and the Ctrl+C is raised once the draft is done."""
+    import os
+    import signal
+    import time
+
+    from specexec_app.core.lookahead import Lookahead
+
+    release, finished = threading.Event(), threading.Event()
+
+    class Slow(Drafter):
+        def propose(self, tokens, budget):
+            release.wait(10)
+            finished.set()
+            return tree_of([(5, -1, 0.0)])
+
+    ahead = Lookahead(Slow(), enabled=True)
+    ahead.start([1, 2, 3], tree_of([(4, -1, 0.0)]), budget=4, context=100)
+
+    def second_ctrl_c_then_draft_ends():
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C: a KeyboardInterrupt inside close()
+        time.sleep(0.3)
+        release.set()
+
+    threading.Thread(target=second_ctrl_c_then_draft_ends).start()
+    with pytest.raises(KeyboardInterrupt):
+        ahead.close()
+    assert finished.is_set() and not draft_threads()

@@ -65,7 +65,9 @@ def new_cache(limit: int | None = None) -> DynamicCache:
 
 
 def cache_len(cache: DynamicCache) -> int:
-    return cache.get_seq_length()
+    """The longest layer's length: a truncate stopped part way (Ctrl+C between two layers)
+    leaves later layers longer than the first, and the next sync must see it."""
+    return max((layer.get_seq_length() for layer in cache.layers), default=0)
 
 
 def keep_slots(cache: DynamicCache, base: int, slots: list[int]) -> None:

@@ -10,6 +10,7 @@ from specexec_app.errors import UserError
 
 MAX_BUDGET = 16384          # draft tree nodes: SpecExec's trees stay within a few thousand
 MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-5      # below it (vLLM's sampling epsilon) logits / T overflow float32
 MAX_NEW_TOKENS = 1 << 20
 MAX_CONTEXT = 1 << 22
 SEED_LIMIT = 1 << 63        # torch's generator takes a signed 64-bit seed
@@ -60,6 +61,9 @@ class DecodeSettings:
         set_("budget", check_range(self.budget, "--budget", 1, MAX_BUDGET))
         set_("temperature", check_range(self.temperature, "--temperature", 0, MAX_TEMPERATURE,
                                         float))
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise UserError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} "
+                            f"(got {self.temperature})")
         set_("top_p", check_range(self.top_p, "--top-p", 0, 1, float, open_low=True))
         set_("max_new_tokens", check_range(self.max_new_tokens, "--max-new-tokens", 1,
                                            MAX_NEW_TOKENS))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from transformers import GenerationConfig
 
 from drafts.chain import ChainDrafter, NoDraft
 
@@ -48,10 +49,18 @@ def hf_generate(model, ids: list[int], settings: DecodeSettings, stop_ids: set[i
                        top_k=0)
     else:
         kwargs |= dict(do_sample=False)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids], device=device), **kwargs)[0, len(ids):].tolist()
-    wall = time.perf_counter() - start
+    # Under a blank generation config, not the checkpoint's: its repetition penalty, top-k or
+    # min-p (Qwen2.5-Instruct's sets 1.05, 20, ...) would apply even to greedy, and the baseline
+    # would not be the model's own distribution that ours follows. (A config passed to generate
+    # is filled in from the model's, so the model's own is swapped for the call.)
+    own, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids], device=device), **kwargs)[0, len(ids):].tolist()
+        wall = time.perf_counter() - start
+    finally:
+        model.generation_config = own
     passes = len(out)  # one forward per token drawn, a final stop token included
     while out and out[-1] in stop_ids:
         out.pop()
