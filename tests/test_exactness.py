@@ -249,3 +249,47 @@ def test_draft_out_of_memory_at_budget_one_is_a_clear_error(model, tokenizer, ch
         list(engine.generate(Target(model), DraftOutOfMemoryAbove(0), chat_ids(PROMPTS[0]),
                              DecodeSettings(budget=4, max_new_tokens=4), tokenizer,
                              stop_ids(tokenizer, model)))
+
+
+@pytest.fixture(scope="module")
+def longrope():
+    """A tiny Phi-3 whose rotary embedding is 'longrope' (Phi-3/3.5, Phi-4-mini), switching to
+    its long factors past 32 tokens (far apart from the short ones, so that a mix shows)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(2)
+    half = 8  # head_dim 16
+    cfg = Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                     original_max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=2, initializer_range=0.3,
+                     rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * half,
+                                   "long_factor": [8.0] * half})
+    return Phi3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("prompt_len", [26, 40])
+def test_greedy_is_exact_across_a_longrope_models_switch(longrope, monkeypatch, prompt_len):
+    """transformers' Phi-3 computes a sequence short (short factors) up to 32 tokens and then
+    long (its whole cache again with the long factors): a tree reaching past the switch, or a
+    long prompt prefilled in chunks, would mix the two. Greedy output equals transformers'
+    generate for a prompt that crosses the switch while decoding (26) and one already past it,
+    prefilled in chunks of 16 (40), with no draft, an n-gram draft and a model draft whose trees
+    reach past the switch."""
+    import specexec_app.core.lm as lm
+
+    monkeypatch.setattr(lm, "PREFILL_CHUNK", 16)
+    ids = torch.randint(3, 96, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
+    with torch.no_grad():
+        ref = longrope.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=20, do_sample=False, eos_token_id=None)[0, len(ids):].tolist()
+
+    class Tok:
+        def decode(self, ids, **kw):
+            return ""
+
+    for drafter, budget in ((NgramDrafter(min_ngram=99), 1), (NgramDrafter(), 8),
+                            (ModelDrafter(longrope, 96, top_k=4, max_depth=8), 32)):
+        events = list(engine.generate(Target(longrope), drafter, ids,
+                                      DecodeSettings(budget=budget, max_new_tokens=20), Tok(), set()))
+        assert events[-1].token_ids == ref, drafter

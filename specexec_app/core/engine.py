@@ -217,8 +217,9 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
             try:
                 clock.mark()
                 tree = ahead.take(tokens, budget) or drafter.propose(tokens, budget)
-                # Nodes past the room left would be wasted work, or positions outside the context.
-                tree = tree.within_depth(min(room_new, room_ctx) - 1)
+                # Nodes past the room left would be wasted work, or positions outside the context
+                # (or past a 'longrope' model's switch while the sequence is short).
+                tree = tree.within_depth(min(room_new, room_ctx, target.rope_room(len(tokens))) - 1)
                 clock.mark()
                 ahead.start(tokens, tree, budget, target.context_length)
                 logits = target.verify(tokens, tree)

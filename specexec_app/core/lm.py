@@ -163,6 +163,54 @@ def model_context(config) -> int:
     return min(limit, window) if window else limit
 
 
+def rope_switch(model) -> int | None:
+    """For a model whose rotary embedding is 'longrope' (Phi-3, Phi-3.5, Phi-4-mini): the length
+    past which it computes with its long factors (`original_max_position_embeddings`); None for
+    every other model (their frequencies do not depend on the pass: 'dynamic' ones change only
+    past `max_position_embeddings`, which `model_context` keeps the context within)."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if getattr(rotary, "rope_type", None) != "longrope":
+        return None
+    config = model.config
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    switch = getattr(config, "original_max_position_embeddings", None) or \
+        params.get("original_max_position_embeddings")
+    return int(switch) if switch else None
+
+
+class LongRope:
+    """The long or short factors of a 'longrope' model chosen by the sequence, not by the pass.
+
+    transformers picks them per forward from the pass's largest position, and its Phi-3
+    generation recomputes the whole cache with the long factors once the sequence passes the
+    switch: every token then has the long ones, before it the short. A tree pass reaching past
+    the switch, or a long prompt prefilled in chunks, would mix the two. So the target keeps
+    its trees below the switch while the sequence is short (`Target.rope_room`), starts its
+    cache over when the sequence crosses it (`Target.verify`), and, while `long`, every pass's
+    rotary embedding is computed with one more position at the switch, which selects the long
+    factors on the device (no host round trip) for chunks that lie before it."""
+
+    @classmethod
+    def on(cls, rotary, switch: int) -> LongRope:
+        """The one for `rotary` (a model loaded once may serve several Targets, or a draft)."""
+        if getattr(rotary, "_specexec_longrope", None) is None:
+            rotary._specexec_longrope = cls(rotary, switch)
+        return rotary._specexec_longrope
+
+    def __init__(self, rotary, switch: int):
+        self.long = False
+        forward = rotary.forward
+
+        def forced(x, position_ids, *args, **kwargs):
+            if not self.long:
+                return forward(x, position_ids, *args, **kwargs)
+            at = position_ids.new_full((position_ids.shape[0], 1), switch)
+            cos, sin = forward(x, torch.cat([position_ids, at], 1), *args, **kwargs)
+            return cos[:, :-1], sin[:, :-1]
+
+        rotary.forward = forced
+
+
 class Target:
     """The model whose output we promise: scores a tree in one pass, then commits a path.
     `context` caps the conversation's tokens (prompt and replies) below the model's own limit.
@@ -182,6 +230,9 @@ class Target:
         self.device = model_device(model)
         self.streamer = offloaded.streamer if offloaded is not None else None
         self.placement = offloaded.placement if offloaded is not None else None
+        self.rope_switch = rope_switch(model)
+        self._rope = LongRope.on(model.model.rotary_emb, self.rope_switch) if self.rope_switch else None
+        self._long = False  # whether the cache holds the long factors' entries
 
     def context_hint(self) -> str:
         """For messages about a full context: how it could grow ('' at the model's limit)."""
@@ -199,8 +250,21 @@ class Target:
         """Weight bytes copied to the device so far (0 for a resident model)."""
         return self.streamer.bytes_streamed if self.streamer else 0
 
+    def rope_room(self, n: int) -> int:
+        """Tree levels a pass after `n` tokens may hold, plus one (as the context's room): while
+        a 'longrope' sequence is short, its tree stays below the switch."""
+        if self.rope_switch is None or n > self.rope_switch:
+            return self.context_length
+        return self.rope_switch - n + 1
+
     def verify(self, tokens: list[int], tree: Tree) -> torch.Tensor:
         """Target logits [1 + len(tree), V] at the root (last of `tokens`) and at every node."""
+        if self._rope is not None:
+            long = len(tokens) > self.rope_switch
+            if long != self._long:  # the sequence crossed the switch: every entry again
+                self.kv.reset()
+                self._long = long
+            self._rope.long = long  # (a draft sharing the model may have set it since)
         self._pending = self.kv.sync(tokens)
         return forward_tree(self.model, self.kv, self._pending, tree, self.streamer)
 
