@@ -211,3 +211,5 @@ def test_tokens_per_s_when_later_passes_only_drew_the_end_of_the_text():
     drafted.add(Pass(tree_size=64, accepted=3, draft_s=1.0, target_s=0.5, end_s=1.5))
     assert drafted.prompt_tokens_per_s == pytest.approx(200)  # the first tree's drafting apart
     assert "prompt 1 token," in line and "generation 1 token," in line and "over 1 pass," in line
+    s.prompt_tokens = 2
+    assert "prompt 2 tokens," in stats_line(s) and "over 2 passes," in stats_line(s)

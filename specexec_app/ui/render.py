@@ -13,9 +13,9 @@ from specexec_app.config.profile import Profile
 from specexec_app.core.engine import Stats
 
 
-def count(n: int, noun: str) -> str:
-    """'1 token', '2 tokens'."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 token', '2 tokens'; '1 pass', '2 passes'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + ('es' if noun.endswith('s') else 's')}"
 
 
 def stats_line(s: Stats, load: bool = False, stop: bool = True) -> str:

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from specexec_app.config.settings import DecodeSettings
 from specexec_app.core.engine import Done, Notice, Pass, Stats, Text
 from specexec_app.errors import UserError
+from specexec_app.ui.render import count
 
 Log = Callable[[str], None]
 
@@ -179,8 +180,10 @@ class Worker:
             if self.closed:
                 raise ApiError(503, "the server is shutting down", "unavailable_error")
             if len(self.waiting) >= self.queue_size and self.running is not None:
-                raise ApiError(429, f"the server is busy: {len(self.waiting)} requests already "
-                                    "wait for the model; retry later", "rate_limit_error",
+                waiting = count(len(self.waiting), "request")
+                raise ApiError(429, f"the server is busy: {waiting} already "
+                                    f"{'waits' if len(self.waiting) == 1 else 'wait'} for the model; "
+                                    "retry later", "rate_limit_error",
                                code="queue_full")
             self.waiting.append(job)
             self.cond.notify()
@@ -283,9 +286,10 @@ def usage(out: Outcome) -> dict:
 
 def log_detail(out: Outcome) -> str:
     s = out.stats
-    return (f"prompt {s.prompt_tokens} ({out.reused} reused) + {s.new_tokens} tokens in "
+    return (f"prompt {s.prompt_tokens} ({out.reused} reused) + {count(s.new_tokens, 'token')} in "
             f"{s.wall_s:.2f} s, {s.tokens_per_s:.1f} tok/s, {s.accepted_per_pass:.2f} accepted/pass "
-            f"over {s.target_passes} passes ({s.pass_s * 1000:.0f} ms/pass), stop: {s.stop_reason}")
+            f"over {count(s.target_passes, 'pass')} ({s.pass_s * 1000:.0f} ms/pass), "
+            f"stop: {s.stop_reason}")
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
