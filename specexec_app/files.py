@@ -92,13 +92,23 @@ def holds_model(folder: Path) -> bool:
                                 or any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")))
 
 
-def check_out_folder(out: Path, sources: list[Path], force: bool, own: str | None = None) -> None:
+def check_out_folder(out: Path, sources: list[Path], force: bool, own: str | None = None,
+                     replaces: bool = False) -> None:
     """Refuse an output folder that is (or lies inside, or holds) one of the `sources` being
     read, and, unless `force`, one that already holds a model (a folder holding `own`, the
-    marker of this command's own earlier output, may be written again: a rerun resumes)."""
+    marker of this command's own earlier output, may be written again: a rerun resumes). A
+    command that `replaces` the whole folder never takes one holding other things and no model
+    (`--out ~/Documents` must not empty it), `force` or not; a command that writes a model
+    (`replaces` or with an `own` marker) does not take the current folder (`--out ""`)."""
+    if (replaces or own) and str(out) in ("", "."):
+        raise UserError(f"--out must name a folder (got {str(out)!r})")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
+    if replaces and out.is_dir() and any(out.iterdir()) and not holds_model(out) \
+            and not (own and (out / own).is_file()):
+        raise UserError(f"--out {out} is not empty and holds no model: the whole folder would be "
+                        "replaced; choose a new or empty folder")
     real = out.resolve()
     for src in sources:
         src = Path(src).expanduser().resolve()

@@ -58,6 +58,10 @@ def cli(*args, input=None, env=None, limit_bytes=None, timeout=300):
     (["serve", "--port", "70000"], "--port must be in 0..65535"),
     (["bench", "--out", "/dev/null"], "is a file, not a folder"),
     (["quantize", "--out", "/dev/null"], "is a file, not a folder"),
+    (["distill", "--out", "/tmp/x", "--lr", "-1"], "--lr must be in (0, 1]"),
+    (["distill", "--out", "/tmp/x", "--lr", "nan"], "--lr must be a finite number"),
+    (["distill", "--out", "/tmp/x", "--max-prompts", "-5"], "--max-prompts must be at least 1"),
+    (["distill", "--out", "/tmp/x", "--heldout", "0"], "--heldout must be at least 1"),
 ])
 def test_bad_options_are_refused_before_anything_loads(args, needle):
     one_line_error(runner.invoke(app, args), needle)
@@ -136,12 +140,25 @@ def test_quantize_never_overwrites_its_source_and_cleans_a_failed_write(source, 
     (other / "config.json").write_text("{}")
     one_line_error(runner.invoke(app, ["quantize", "--target", str(src), "--out", str(other)]),
                    "already holds a model; choose an empty folder, or add --force")
+    # A folder of the user's own things (no model) is never replaced, --force or not; nor "".
+    mine = tmp_path / "documents"
+    (mine / "project").mkdir(parents=True)
+    (mine / "project" / "config.json").write_text("{}")  # a model one level down is not one here
+    (mine / "notes.txt").write_text("important")
+    for force in ([], ["--force"]):
+        one_line_error(runner.invoke(app, ["quantize", "--target", str(src), "--out", str(mine)] + force),
+                       "is not empty and holds no model")
+    assert (mine / "notes.txt").read_text() == "important" and (mine / "project" / "config.json").is_file()
+    one_line_error(runner.invoke(app, ["quantize", "--target", str(src), "--out", ""]),
+                   "--out must name a folder")
+    one_line_error(runner.invoke(app, ["distill", "--out", "", "--steps", "1"]),
+                   "--out must name a folder")
     # A full disk half way: nothing is left in the output's folder but what was there.
     out = tmp_path / "packed"
     proc = cli("quantize", "--target", str(src), "--out", str(out), limit_bytes=1 << 20)
     err = proc.stderr.decode().strip().splitlines()
     assert proc.returncode == 1 and "nothing was written" in err[-1], err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["holds-a-model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["documents", "holds-a-model"]
     assert {p.name: p.stat().st_size for p in src.iterdir()} == before
 
 

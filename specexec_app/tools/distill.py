@@ -34,6 +34,7 @@ import torch
 
 from drafts.distilled import check_layers, embedding_probe, make_draft, own_state, save_draft
 
+from specexec_app.core.settings import MAX_TEMPERATURE, SEED_LIMIT, check_range
 from specexec_app.core.text import encode_chat
 from specexec_app.errors import UserError
 from specexec_app.files import remove_orphans, temp_folder
@@ -67,8 +68,12 @@ class DistillSettings:
                      "save_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.temperature <= 0:
-            raise UserError("--temperature must be above 0")
+        check_range(self.temperature, "--temperature", 0, MAX_TEMPERATURE, float, open_low=True)
+        check_range(self.lr, "--lr", 0, 1, float, open_low=True)
+        if self.prompts is not None:
+            check_range(self.prompts, "--max-prompts", 1, 1 << 40)
+        check_range(self.heldout, "--heldout", 1, 1 << 20)  # the report needs held-out prompts
+        check_range(self.seed, "--seed", 0, SEED_LIMIT - 1)
 
     def data_key(self) -> dict:
         """What the generated data depends on: a rerun with other values starts afresh."""

@@ -457,7 +457,7 @@ def quantize(
             raise UserError(f"--quant must be 8 or 4 for a packed checkpoint (got {quant})")
         preset = get_preset(target)
         src = resolve(preset.target if preset else target)
-        check_out_folder(out, [Path(src.path)], force)
+        check_out_folder(out, [Path(src.path)], force, replaces=True)
         if src.gguf_file:
             raise UserError(f"{target} is a GGUF model, already quantized: it runs as it is "
                             "(`specexec run --target ...`); quantize a safetensors folder")
