@@ -259,6 +259,14 @@ def test_each_bad_request_gets_its_4xx_and_the_server_goes_on(http):
         assert set(error) == {"message", "type", "param", "code"} and error["message"], error
         ok = http.post("/v1/completions", json=good)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+    # Range errors name the request's field, not the command line's flag.
+    for field, value, needle in (("max_tokens", 10**11, "max_tokens must be at most"),
+                                 ("max_completion_tokens", 10**11, "max_completion_tokens must be"),
+                                 ("seed", -1, "seed must be 0 or more")):
+        r = http.post(CHAT, json={"messages": QUESTION, field: value})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["message"].startswith(needle), error
+        assert error["param"] == field and "--" not in error["message"], error
     r = http.post(CHAT, json={"messages": [{"role": "user", "content": "hello " * 9000}]})
     assert r.json()["error"]["code"] == "context_length_exceeded"
     assert "the context is 8192" in r.json()["error"]["message"]

@@ -444,8 +444,13 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
                 temperature=base.temperature if req.temperature is None else req.temperature,
                 top_p=base.top_p if req.top_p is None else req.top_p,
                 seed=base.seed if req.seed is None else req.seed)
-        except UserError as e:
-            raise ApiError(400, str(e)) from None
+        except UserError as e:  # named as the request's field, not the command line's flag
+            tokens = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            fields = {"--max-new-tokens": tokens, "--temperature": "temperature",
+                      "--top-p": "top_p", "--seed": "seed"}
+            flag = next((f for f in fields if str(e).startswith(f + " ")), None)
+            message = str(e).replace(flag, fields[flag], 1) if flag else str(e)
+            raise ApiError(400, message, param=fields.get(flag)) from None
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         job = Job(ids, settings, stops, asyncio.get_running_loop())
         worker.submit(job)
