@@ -213,3 +213,31 @@ def test_tokens_per_s_when_later_passes_only_drew_the_end_of_the_text():
     assert "prompt 1 token," in line and "generation 1 token," in line and "over 1 pass," in line
     s.prompt_tokens = 2
     assert "prompt 2 tokens," in stats_line(s) and "over 2 passes," in stats_line(s)
+
+
+def test_run_stopped_by_ctrl_c_reports_what_it_did(tmp_path):
+    """`run` stopped by Ctrl+C half way: exit 130 and still its stats line and --stats-json for
+    the tokens it wrote (stop: interrupted)."""
+    import signal
+
+    out = tmp_path / "stats.json"
+    proc = subprocess.Popen([sys.executable, "-m", "specexec_app", "run",
+                             "Write a long story about a dragon who learns to paint.",
+                             "--max-new-tokens", "400", "--stats", "--stats-json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        said = b""
+        while len(said.split()) < 6:  # the reply has begun
+            chunk = proc.stdout.read1(64)
+            assert chunk, proc.stderr.read().decode()
+            said += chunk
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "stop: interrupted" in err and "Traceback" not in err, err
+    data = json.loads(out.read_text())
+    assert data["stop_reason"] == "interrupted" and 0 < data["new_tokens"] < 400
+    assert data["target_passes"] >= 1

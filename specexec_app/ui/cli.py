@@ -141,14 +141,17 @@ def write_out(text: str) -> None:
                         f"{getattr(e, 'strerror', None) or e}") from None
 
 
-def stream_reply(events) -> object:
-    """Print a reply as it is accepted (notes to stderr); returns the Done event."""
-    from specexec_app.core.engine import Done, Notice, Text
+def stream_reply(events, passes) -> object:
+    """Print a reply as it is accepted (notes to stderr); returns the Done event. Each pass is
+    added to the Stats `passes` as it comes (a reply stopped by Ctrl+C has no Done)."""
+    from specexec_app.core.engine import Done, Notice, Pass, Text
 
     done = None
     try:
         for event in events:
-            if isinstance(event, Text) and event.text:
+            if isinstance(event, Pass):
+                passes.add(event)
+            elif isinstance(event, Text) and event.text:
                 write_out(event.text)
             elif isinstance(event, Notice):
                 err.print(f"note: {event.message}", soft_wrap=True, markup=False)
@@ -169,6 +172,7 @@ def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it fro
         stats_json: Annotated[Optional[Path], typer.Option(show_default=False, help="Write the run's stats as JSON to this file.")] = None,
         opts: dict = None) -> None:
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
+    from specexec_app.core.engine import Stats
     from specexec_app.files import check_writable, write_atomic
     from .render import stats_line
 
@@ -182,16 +186,27 @@ def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it fro
             err.print(f"target: {pipe.placement_text()}", soft_wrap=True, markup=False)
         if profile is None and err.is_terminal:
             err.print(PROFILE_TIP, style="dim", markup=False)
-        done = stream_reply(pipe.generate(pipe.encode(prompt, raw=raw, system=system), config.decode))
+
+        def report(s) -> None:
+            s.load_s = pipe.load_s
+            if stats:
+                err.print(stats_line(s, load=True), soft_wrap=True, markup=False)
+            if stats_json:
+                data = s.to_dict() | {"target": pipe.target_name, "draft": pipe.draft_name,
+                                      "budget": config.decode.budget,
+                                      "temperature": config.decode.temperature}
+                write_atomic(stats_json, json.dumps(data, indent=2) + "\n")
+
+        ids = pipe.encode(prompt, raw=raw, system=system)
+        partial = Stats(prompt_tokens=len(ids), reused_prompt_tokens=pipe.target.cached(ids))
+        try:
+            done = stream_reply(pipe.generate(ids, config.decode), partial)
+        except KeyboardInterrupt:  # the stats of what was done, then exit 130
+            partial.stop_reason = "interrupted"
+            report(partial)
+            raise
         write_out("" if raw else "\n")
-        done.stats.load_s = pipe.load_s
-        if stats:
-            err.print(stats_line(done.stats, load=True), soft_wrap=True, markup=False)
-        if stats_json:
-            data = done.stats.to_dict() | {"target": pipe.target_name, "draft": pipe.draft_name,
-                                           "budget": config.decode.budget,
-                                           "temperature": config.decode.temperature}
-            write_atomic(stats_json, json.dumps(data, indent=2) + "\n")
+        report(done.stats)
 
 
 @app.command()
