@@ -57,11 +57,12 @@ def cli(*args, input=None, env=None, limit_bytes=None, timeout=300):
     (["run", "hi", "--target", "/dev/null/x.gguf"], "model not found"),
     (["serve", "--port", "70000"], "--port must be in 0..65535"),
     (["bench", "--out", "/dev/null"], "is a file, not a folder"),
-    (["quantize", "--out", "/dev/null"], "is a file, not a folder"),
-    (["distill", "--out", "/tmp/x", "--lr", "-1"], "--lr must be in (0, 1]"),
-    (["distill", "--out", "/tmp/x", "--lr", "nan"], "--lr must be a finite number"),
-    (["distill", "--out", "/tmp/x", "--max-prompts", "-5"], "--max-prompts must be at least 1"),
-    (["distill", "--out", "/tmp/x", "--heldout", "0"], "--heldout must be at least 1"),
+    (["quantize", "--target", "default", "--out", "/dev/null"], "is a file, not a folder"),
+    (["quantize", "--target", "default", "--out", "/tmp/specexec-no-such-folder/x"], "is a GGUF model, already quantized"),
+    (["distill", "--out", "/tmp/specexec-no-such-folder/x", "--lr", "-1"], "--lr must be in (0, 1]"),
+    (["distill", "--out", "/tmp/specexec-no-such-folder/x", "--lr", "nan"], "--lr must be a finite number"),
+    (["distill", "--out", "/tmp/specexec-no-such-folder/x", "--max-prompts", "-5"], "--max-prompts must be at least 1"),
+    (["distill", "--out", "/tmp/specexec-no-such-folder/x", "--heldout", "0"], "--heldout must be at least 1"),
 ])
 def test_bad_options_are_refused_before_anything_loads(args, needle):
     one_line_error(runner.invoke(app, args), needle)
@@ -72,6 +73,7 @@ def test_bad_options_are_refused_before_anything_loads(args, needle):
     (["run", "hi", "--seed", "nan"], "Invalid value for '--seed'"),
     (["run", "hi", "--bogus"], "No such option: --bogus"),
     (["run"], "Missing argument 'prompt'"),
+    (["quantize", "--out", "/tmp/specexec-no-such-folder/x"], "Missing option '--target'"),
 ])
 def test_usage_errors_are_one_line_too(args, needle):
     """What the command-line parser itself refuses (a word for a number, an unknown option)

@@ -445,7 +445,7 @@ def distill(
 @app.command()
 def quantize(
     out: Annotated[Path, typer.Option(help="Folder for the packed checkpoint (then used as --target OUT).")],
-    target: Annotated[str, typer.Option("--target", "-t", help="The target to pack: a preset or a safetensors folder.")] = "default",
+    target: Annotated[str, typer.Option("--target", "-t", show_default=False, help="The target to pack: a preset or a safetensors folder (a GGUF, such as the default model's, is already quantized and runs as it is).")],
     quant: Annotated[int, typer.Option(help="8 (int8, a scale per row) or 4 (NF4).")] = 4,
     dtype: Annotated[str, typer.Option(help="Dtype the weights decode to: bfloat16 or float16 (GPU), float32 (CPU).")] = "bfloat16",
     force: Annotated[bool, typer.Option(help="Replace an --out folder that already holds a model.")] = False,
