@@ -58,6 +58,7 @@ def cli(*args, input=None, env=None, limit_bytes=None, timeout=300):
     (["serve", "--port", "70000"], "--port must be in 0..65535"),
     (["bench", "--out", "/dev/null"], "is a file, not a folder"),
     (["quantize", "--target", "default", "--out", "/dev/null"], "is a file, not a folder"),
+    (["profile", "--show", "--reset"], "--show and --reset cannot go together"),
     (["quantize", "--target", "default", "--out", "/tmp/specexec-no-such-folder/x"], "is a GGUF model, already quantized"),
     (["distill", "--out", "/tmp/specexec-no-such-folder/x", "--lr", "-1"], "--lr must be in (0, 1]"),
     (["distill", "--out", "/tmp/specexec-no-such-folder/x", "--lr", "nan"], "--lr must be a finite number"),

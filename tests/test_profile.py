@@ -133,7 +133,8 @@ def test_cost_model_pieces():
     assert not {p for _, p in cal} & {p for _, p in check}  # the check run uses other prompts
 
 
-def test_models_lists_presets_and_presence():
+def test_models_lists_presets_and_presence(tmp_path, monkeypatch):
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-ollama"))
     r = runner.invoke(app, ["models"])
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
@@ -142,3 +143,5 @@ def test_models_lists_presets_and_presence():
     llama = next(line for line in lines if line.startswith("llama-3.1-70b"))
     assert "missing" in llama
     assert "models--meta-llama--Llama-3.1-70B-Instruct" in r.output
+    store = next(line for line in lines if line.startswith("Ollama store"))
+    assert "no-ollama" in store and "none there" in store  # where it looked, even when empty

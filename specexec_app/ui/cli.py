@@ -252,6 +252,8 @@ def profile(
 
     out = Console(highlight=False)
     with friendly_errors():
+        if reset and show:
+            raise UserError("--show and --reset cannot go together: --reset forgets the profile")
         if reset:
             gone = forget_profile()
             out.print(f"Forgot {profile_path()}." if gone else "There is no saved profile.", markup=False)
@@ -304,10 +306,10 @@ def models() -> None:
             out.print(f"\n[bold]{name}[/]  {mark}  [dim]distilled draft shipped with specexec-app "
                       f"(--draft {name})[/]\n  {escape(where)}", soft_wrap=True)
         found = list_ollama()
-        if found:
-            out.print(f"\n[bold]Ollama store[/] [dim]{escape(str(ollama_models()))}[/]")
-            for spec, blob in found:
-                out.print(f"  {escape(spec)}  [dim]{escape(str(blob))}[/]", soft_wrap=True)
+        out.print(f"\n[bold]Ollama store[/] [dim]{escape(str(ollama_models()))}[/]"
+                  + ("" if found else "  [yellow]none there[/]"), soft_wrap=True)
+        for spec, blob in found:
+            out.print(f"  {escape(spec)}  [dim]{escape(str(blob))}[/]", soft_wrap=True)
         out.print("\n[dim]Any local folder, .gguf file (or the first part of a split one), Ollama "
                   "name:tag, or repo id in the local Hugging Face cache also works as --target / "
                   "--draft. Nothing is downloaded.[/]", soft_wrap=True)
