@@ -203,6 +203,9 @@ def test_full_queue_is_429_and_a_dropped_stream_frees_the_server(pipe, server, h
     assert 3 <= dropped.stats.new_tokens < 300
     assert dropped.stats.target_passes <= dropped.passes_at_cancel + 1
     assert dropped.ended <= served.started
+    # Its log line says the client left, and after how much.
+    left = r"POST /v1/chat/completions 200 .* \| the client left after [0-9]+ text chunks"
+    wait_until(lambda: any(re.search(left, line) for line in server.lines), 30)
 
 
 def test_a_client_that_leaves_before_a_whole_answer_stops_it(server, http):

@@ -472,6 +472,7 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
 
             async def events():
                 sse = lambda obj: f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"  # noqa: E731
+                sent, ended = 0, False  # text chunks sent; whether the stream's end was
                 try:
                     if chat:
                         yield sse(chunk(first=True))
@@ -479,6 +480,7 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
                         kind, value = await job.events.get()
                         if kind == "text":
                             yield sse(chunk(value))
+                            sent += 1
                             continue
                         if kind == "cancelled":
                             return
@@ -494,9 +496,12 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
                                 yield sse({**chunk(), "choices": [], "usage": usage(value),
                                            "specexec": specexec_stats(value)})
                         yield "data: [DONE]\n\n"
+                        ended = True
                         return
                 finally:  # also when the client went away: the stream is cancelled here
                     worker.cancel(job)
+                    if not ended:
+                        request.state.log = f"the client left after {count(sent, 'text chunk')}"
 
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
