@@ -28,11 +28,14 @@ def pipe():
     return build_named("default")
 
 
-def scripted(lines):
-    """An input source that types `lines` one by one, then Ctrl+D."""
+def scripted(lines, prompts=None):
+    """An input source that types `lines` one by one, then Ctrl+D (the prompts it was shown
+    are appended to `prompts`)."""
     it = iter(lines)
 
     def read(prompt):
+        if prompts is not None:
+            prompts.append(prompt)
         try:
             return next(it)
         except StopIteration:
@@ -44,7 +47,7 @@ def repl(pipe, lines, **kw):
     buf = io.StringIO()
     console = Console(file=buf, width=200, force_terminal=False, highlight=False)
     r = ChatREPL(pipe, DecodeSettings(budget=8, max_new_tokens=kw.pop("max_new_tokens", 24)),
-                 console, read=scripted(lines), **kw)
+                 console, read=scripted(lines, kw.pop("prompts", None)), **kw)
     r.loop()
     return r, buf.getvalue()
 
@@ -196,6 +199,56 @@ def test_save_load_roundtrip(tmp_path):
     conv.save(path, {"target": "t"})
     back = Conversation.load(path)
     assert back == conv
+
+
+def test_save_and_load_never_lose_a_file_or_a_conversation(pipe, tmp_path):
+    """/save asks before replacing a file that is not this conversation's own (no by default);
+    /load and a new system prompt ask before dropping unsaved messages; /load reads only a file
+    of a sane size (never a device or a pipe)."""
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text('{"precious": true}')
+    ours = tmp_path / "ours.json"
+    r, out = repl(pipe, ["/set max_tokens 4", "Hello!",
+                         f"/save {theirs}", "",            # asked: Enter keeps the file
+                         f"/save {ours}", "Hi again!",     # a new file: no question
+                         f"/save {ours}",                  # this conversation's file: replaced
+                         f"/load {theirs}",                # not a conversation: an error
+                         "/set system Be brief.", "n",     # saved as it stands: no question...
+                         f"/load {tmp_path}", "/load /dev/zero"], prompts=(asked := []))
+    assert theirs.read_text() == '{"precious": true}' and "Not saved." in out
+    assert [q for q in asked if q != ">>> "] == [f"{theirs} exists. Replace it? [y/N] "]
+    assert len(json.loads(ours.read_text())["messages"]) == 4
+    assert "theirs.json has no list of messages" in out
+    assert "System prompt set; new conversation." in out  # ...so no question, the "n" is a turn
+    assert out.count("is not a file") == 2 and "Traceback" not in out
+
+    r, out = repl(pipe, ["/set max_tokens 4", "Hello!", f"/load {ours}", "no",
+                         "/set system Be brief.", "", f"/load {ours}", "y"], prompts=(asked := []))
+    questions = [q for q in asked if q != ">>> "]
+    assert len(questions) == 3 and all("ends this conversation (2 messages, not saved" in q
+                                       and q.endswith("[y/N] ") for q in questions)
+    assert "Not loaded." in out and "stay as they were" in out
+    assert f"Loaded 4 messages from {ours}" in out and len(r.conv.turns) == 4
+
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(65 << 20)
+    r, out = repl(pipe, [f"/load {big}"])
+    assert "too large for a saved conversation" in out
+
+
+def test_the_history_file_is_private(tmp_path):
+    from specexec_app.ui.chat import terminal_reader
+
+    history = tmp_path / "state" / "chat_history"
+    history.parent.mkdir()
+    history.write_text("")
+    history.chmod(0o644)
+    try:
+        terminal_reader(history)
+    except Exception:  # noqa: BLE001 - no terminal here: only the file's mode matters
+        pass
+    assert history.stat().st_mode & 0o777 == 0o600
 
 
 def test_an_unexpected_failure_in_a_turn_keeps_the_conversation(pipe, monkeypatch):

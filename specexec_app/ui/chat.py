@@ -32,6 +32,7 @@ PROMPT = ">>> "
 MORE = "... "
 MIN_REPLY_ROOM = 64  # tokens a reply needs at least before we call the context full
 LEAVE_HINT = "Use Ctrl + d or /bye to exit."
+MAX_CONVERSATION_BYTES = 64 << 20  # /load refuses larger files (a conversation is text)
 COMMANDS = ["/help", "/set", "/show", "/stats", "/clear", "/save", "/load", "/bye", "/exit"]
 
 HELP = """\
@@ -52,7 +53,8 @@ message). Commands:
   /stats                     last reply and session: load, prompt and generation speed,
                              accepted/pass, pass and draft time, GB/s
   /clear                     new conversation
-  /save FILE, /load FILE     the conversation as JSON
+  /save FILE, /load FILE     the conversation as JSON (asks before replacing a file or
+                             a conversation not saved)
   /bye, /exit                leave (also Ctrl+D); Ctrl+C stops a reply
 Ctrl+R searches the history. \"\"\" on a line of its own starts and ends a multi-line message."""
 
@@ -76,6 +78,12 @@ class Conversation:
     @classmethod
     def load(cls, path: Path) -> Conversation:
         try:
+            if path.exists() and not path.is_file():  # a folder, a device, a pipe: never read
+                raise UserError(f"{path} is not a file")
+            size = path.stat().st_size
+            if size > MAX_CONVERSATION_BYTES:
+                raise UserError(f"{path} holds {size / 2**20:.0f} MB: too large for a saved "
+                                f"conversation (at most {MAX_CONVERSATION_BYTES >> 20} MB)")
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from e
@@ -121,8 +129,9 @@ def terminal_reader(history: Path | None) -> Callable[[str], str]:
     if history is not None:
         try:
             history.parent.mkdir(parents=True, exist_ok=True)
-            with open(history, "a", encoding="utf-8"):
-                pass
+            # Every message typed is in it: readable by its owner alone.
+            os.close(os.open(history, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+            os.chmod(history, 0o600)
             store = FileHistory(str(history))
         except OSError:
             pass  # a read-only home: history for this session only
@@ -191,6 +200,9 @@ class ChatREPL:
         self.read = read
         self.history: list[Stats] = []
         self.stopping = Stopping()
+        # The file the conversation was last saved to or loaded from, and its turns then.
+        self.saved_as: Path | None = None
+        self.saved_turns: list[dict] = []
 
     def say(self, text: str, style: str | None = None) -> None:
         """Print `text` as it is: user strings never pass through rich markup."""
@@ -219,12 +231,23 @@ class ChatREPL:
                 lines.append(more)
         return line
 
-    def ask(self, question: str) -> bool:
+    def ask(self, question: str, default: bool = True) -> bool:
         try:
-            answer = self.read(f"{question} [Y/n] ")
+            answer = self.read(f"{question} [{'Y/n' if default else 'y/N'}] ").strip().lower()
         except (EOFError, KeyboardInterrupt):
             return False
-        return answer.strip().lower() in ("", "y", "yes")
+        return answer in ("y", "yes") or (default and not answer)
+
+    def may_replace_conversation(self, command: str) -> bool:
+        """Whether the conversation may go: it is saved as it stands, empty, or the user says so."""
+        turns = self.conv.turns
+        if not turns or turns == self.saved_turns:
+            return True
+        return self.ask(f"{command} ends this conversation ({len(turns)} messages, not saved; "
+                        "/save FILE keeps it). Go on?", default=False)
+
+    def saved(self, path: Path) -> None:
+        self.saved_as, self.saved_turns = path.resolve(), [dict(t) for t in self.conv.turns]
 
     # ---- the loop ----------------------------------------------------------------------
     def welcome(self) -> None:
@@ -378,6 +401,9 @@ class ChatREPL:
             raise UserError("usage: /set budget|temperature|top_p|max_tokens|seed|system|footer|"
                             "overlap|threads VALUE")
         if key == "system":
+            if not self.may_replace_conversation("A new system prompt"):
+                self.say("The system prompt and the conversation stay as they were.", "dim")
+                return
             self.conv = Conversation(system=None if value.lower() == "none" else value)
             self.say("System prompt set; new conversation.", "dim")
             return
@@ -468,15 +494,27 @@ class ChatREPL:
         if not arg:
             raise UserError("usage: /save FILE")
         path = Path(os.path.expanduser(arg))
+        if path.exists() and path.resolve() != self.saved_as:  # not this conversation's file
+            if not path.is_file():
+                raise UserError(f"{path} is not a file")
+            if not self.ask(f"{path} exists. Replace it?", default=False):
+                self.say("Not saved.", "dim")
+                return
         self.conv.save(path, {"target": self.pipe.target_name, "draft": self.pipe.draft_name,
                               "settings": vars(self.settings)})
+        self.saved(path)
         self.say(f"Saved {len(self.conv.turns)} messages to {path}.", "dim")
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
             raise UserError("usage: /load FILE")
         path = Path(os.path.expanduser(arg))
-        self.conv = Conversation.load(path)
+        loaded = Conversation.load(path)
+        if not self.may_replace_conversation("/load"):
+            self.say("Not loaded.", "dim")
+            return
+        self.conv = loaded
+        self.saved(path)
         self.say(f"Loaded {len(self.conv.turns)} messages from {path}.", "dim")
         if self.conv.turns:
             last = self.conv.turns[-1]
