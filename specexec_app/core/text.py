@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from specexec_app.errors import UserError
+
+_MARK = "\ue000{}\ue001"  # a message's place in its template (private-use characters)
 
 
 def encode_chat(tokenizer, messages: list[dict], name: str = "the model") -> list[int]:
@@ -11,7 +15,31 @@ def encode_chat(tokenizer, messages: list[dict], name: str = "the model") -> lis
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{name} has no chat template; use --raw")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    controls = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    held = sorted({c for m in messages for c in controls
+                   if c and isinstance(m.get("content"), str) and c in m["content"]})
+    if not held:
+        return tokenizer(text, add_special_tokens=False).input_ids
+    # A message holds a control token's text ("<|im_end|>" typed or pasted): it must stay text.
+    # Parsed as the token, it would end its turn, and the rest could pose as a system or an
+    # assistant turn. The template's own text is tokenized with its control tokens, each
+    # message's with them split into plain text.
+    marked = [dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)]
+    pieces = re.split(_MARK.format(r"(\d+)"),
+                      tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False))
+    order = [int(i) for i in pieces[1::2]]
+    if sorted(order) != list(range(len(messages))) or text != "".join(
+            messages[int(p)]["content"] if k % 2 else p for k, p in enumerate(pieces)):
+        raise UserError(f"a message holds {held[0]!r}, a control token of {name}, and its chat "
+                        "template does not let it be kept as plain text; remove it")
+    ids = []
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            piece = messages[int(piece)]["content"]
+        if piece:
+            ids += tokenizer(piece, add_special_tokens=False,
+                             split_special_tokens=bool(k % 2)).input_ids
+    return ids
 
 
 class Detokenizer:
