@@ -38,6 +38,8 @@ def check_writable(path: Path, what: str = "") -> None:
         if not os.access(path, os.W_OK):
             raise UserError(f"cannot write {label}: permission denied")
         return
+    if path.exists() and not os.access(path, os.W_OK):  # read-only, or immutable (even to root)
+        raise UserError(f"cannot write {label}: the file is read-only")
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
         os.close(fd)

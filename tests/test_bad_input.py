@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from specexec_app.errors import UserError
 from specexec_app.ui.cli import app
 
 runner = CliRunner()
@@ -51,6 +52,9 @@ def cli(*args, input=None, env=None, limit_bytes=None, timeout=300):
     (["run", "hi", "--stats-json", "/tmp"], "it is a folder"),
     (["run", "hi", "--stats-json", "/proc/version"], "no file can be made in /proc"),
     (["run", "hi", "--stats-json", __file__ + "/s.json"], "is a file, not a folder"),
+    (["run", "hi", "--stats-json", "-"], "--stats-json takes a file: stdout holds the reply"),
+    (["run", "hi", "--target", ""], "--target is empty"),
+    (["run", "hi", "--raw", "--system", "Be brief."], "--system goes into the chat template"),
     (["chat", "--temperature", "inf"], "--temperature must be a finite number"),
     (["run", "hi", "--threads", "0"], "--threads must be at least 1"),
     (["run", "hi", "--threads", "100000"], "CPU threads of this machine"),
@@ -83,6 +87,26 @@ def test_usage_errors_are_one_line_too(args, needle):
     err = proc.stderr.decode().strip()
     assert proc.returncode == 1 and err.startswith("error:") and needle in err, err
     assert len(err.splitlines()) == 1
+
+
+def test_a_read_only_output_file_is_refused_before_the_work(tmp_path):
+    """A --stats-json file that cannot be replaced: refused before loading (was found after the
+    whole reply). Read-only by its mode, or immutable where root ignores the mode."""
+    from specexec_app.files import check_writable
+
+    path = tmp_path / "stats.json"
+    path.write_text("{}")
+    path.chmod(0o444)
+    immutable = os.access(path, os.W_OK)  # root: the mode does not bind; mark it immutable
+    if immutable and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("root, and no chattr here to make a file read-only")
+    try:
+        with pytest.raises(UserError, match="cannot write --stats-json .*: the file is read-only"):
+            check_writable(path, "--stats-json")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)])
+    assert path.read_text() == "{}"
 
 
 def test_prompt_that_is_not_utf8_is_one_line():

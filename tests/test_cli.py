@@ -48,6 +48,17 @@ def test_prompt_longer_than_the_context():
     result = invoke("hello " * 9000, "--raw", "--context", "20000")
     assert "note: --context 20000 is beyond what" in result.stderr and "using 8192 tokens" in result.stderr
     assert "the context is 8192" in result.stderr and result.exit_code == 1
+    # A reply cut by the context says so (not only in --stats).
+    result = invoke("hello " * 40, "--raw", "--context", "50", "-n", "100", "--temperature", "0")
+    assert result.exit_code == 0, result.output
+    assert ("note: the reply was cut where it filled the model's context of 50 tokens "
+            "(--context raises it, up to 8192)") in result.stderr
+
+
+def test_a_folder_without_a_tokenizer_says_what_it_lacks(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert_one_line_error(invoke("hi", "--target", str(tmp_path)),
+                          "the folder has none of tokenizer.json, tokenizer.model")
 
 
 def test_draft_with_another_tokenizer_is_refused(source, tmp_path):

@@ -99,6 +99,9 @@ def resolve(given: dict, choice=None, preset_of=None) -> RunConfig:
     from .presets import get_preset
 
     preset_of = preset_of or get_preset
+    for key in ("target", "draft"):
+        if given.get(key) is not None and not str(given[key]).strip():
+            raise UserError(f"--{key} is empty: name a preset, a model folder or a .gguf file")
     if choice is not None and given.get("target") not in (None, choice.target):
         choice = None  # tuned for another target
     sources: dict[str, str] = {}

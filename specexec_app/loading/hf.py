@@ -13,9 +13,19 @@ from .checkpoint import _config, check_checkpoint, count_params
 from .sources import ModelSource, Status, _quiet, gguf_meta_dir
 
 
+# Files a tokenizer is read from (one is enough): transformers' fast and slow formats.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json",
+                   "spiece.model", "tokenizer.tiktoken")
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
+    """An exception's message on one line: its first, and the lines a first ending in ':'
+    announces (transformers lists what it looked for there)."""
+    lines = [line.strip() for line in (str(e).strip() or type(e).__name__).splitlines()]
+    text = lines[0]
+    if text.endswith(":"):
+        text += " " + " ".join(line for line in lines[1:] if line)
+    return text[:300]
 
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False, status: Status = _quiet):
@@ -26,6 +36,9 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False, status: St
 
     hf_logging.disable_progress_bar()  # a GGUF's tokenizer draws a bar that fights our spinner
     folder = gguf_meta_dir(src, status) if src.gguf_file else src.path
+    if not any((Path(folder) / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(f"cannot load the tokenizer of {src.name}: the folder has none of "
+                        f"{', '.join(TOKENIZER_FILES)}")
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                              trust_remote_code=trust_remote_code)

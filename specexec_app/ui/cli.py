@@ -178,7 +178,12 @@ def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it fro
 
     with friendly_errors():
         prompt = read_prompt(prompt)
+        if raw and system:
+            raise UserError("--system goes into the chat template, which --raw leaves out")
         if stats_json:
+            if str(stats_json) == "-":
+                raise UserError("--stats-json takes a file: stdout holds the reply "
+                                "(/dev/stderr writes the JSON there)")
             check_writable(stats_json, "--stats-json")
         config, profile = resolve_config(opts)
         pipe = load(config)
@@ -206,6 +211,10 @@ def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it fro
             report(partial)
             raise
         write_out("" if raw else "\n")
+        if done.stats.stop_reason == "context":
+            context = pipe.target.context_length
+            err.print(f"note: the reply was cut where it filled the model's context of {context} "
+                      f"tokens{pipe.target.context_hint()}", soft_wrap=True, markup=False)
         report(done.stats)
 
 
