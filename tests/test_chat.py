@@ -165,10 +165,12 @@ def test_context_full_offers_to_drop_the_oldest_turns(pipe):
                       {"role": "assistant", "content": "The sea is large and deep. " * 6}]
         conv_len = len(pipe.encode_chat(Conversation(turns=turns).messages("Thanks!")))
         target.context_length = conv_len + 20  # too little room for a 24-token reply
-        r = ChatREPL(pipe, DecodeSettings(budget=4, max_new_tokens=24),
-                     Console(file=io.StringIO(), width=200), read=scripted(["n", "y"]))
+        out = io.StringIO()
+        r = ChatREPL(pipe, DecodeSettings(budget=4, max_new_tokens=24), Console(file=out, width=200),
+                     read=scripted(["And one more thing", "n", "y"]))
         r.conv.turns = [dict(t) for t in turns]
         assert r.fit_context("Thanks!") is None and len(r.conv.turns) == 8  # declined: unchanged
+        assert "Please answer y or n." in out.getvalue()  # a message typed there is no answer
         ids = r.fit_context("Thanks!")  # accepted: the oldest exchanges go
         assert ids is not None and len(ids) + 24 <= target.context_length
         assert 0 < len(r.conv.turns) < 8 and r.conv.turns[0]["role"] == "user"
@@ -185,9 +187,10 @@ def test_failed_turn_and_bad_files_keep_the_session(pipe, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"messages": [{"role": "wizard", "content": "hi"}]}')
     r, out = repl(pipe, ["/set max_tokens 8", "Hello!", f"/load {bad}", f"/load {tmp_path}/none.json",
-                         "/save /no/such/dir/x.json", "/nonsense", "/show"])
+                         "/save /no/such/dir/x.json", "/nonsense", "/set system", "/show"])
     assert "message 0 needs a role" in out and "cannot read" in out and "cannot write" in out
     assert "unknown command /nonsense" in out and "Traceback" not in out
+    assert "usage: /set system TEXT, or /set system none" in out
     assert len(r.conv.turns) == 2  # the conversation survived every error
     assert re.search(r"conversation\s+2 messages", out)
 

@@ -195,8 +195,10 @@ class ChatREPL:
         self.pipe, self.settings, self.console = pipe, settings, console
         self.conv = Conversation(system=system)
         self.footer, self.tuned, self.tip = footer, tuned, tip
+        # The terminal's line editor keeps what was typed (Up recalls it); other readers do not.
+        self.recalls = read is None and sys.stdin.isatty() and sys.stdout.isatty()
         if read is None:
-            read = terminal_reader(history) if sys.stdin.isatty() and sys.stdout.isatty() else input
+            read = terminal_reader(history) if self.recalls else input
         self.read = read
         self.history: list[Stats] = []
         self.stopping = Stopping()
@@ -232,11 +234,16 @@ class ChatREPL:
         return line
 
     def ask(self, question: str, default: bool = True) -> bool:
-        try:
-            answer = self.read(f"{question} [{'Y/n' if default else 'y/N'}] ").strip().lower()
-        except (EOFError, KeyboardInterrupt):
-            return False
-        return answer in ("y", "yes") or (default and not answer)
+        """A yes or no; asked again for any other answer (a message typed there is not lost
+        for a no). End of input or Ctrl+C: no."""
+        while True:
+            try:
+                answer = self.read(f"{question} [{'Y/n' if default else 'y/N'}] ").strip().lower()
+            except (EOFError, KeyboardInterrupt):
+                return False
+            if answer in ("y", "yes", "n", "no", ""):
+                return answer in ("y", "yes") or (default and not answer)
+            self.say("Please answer y or n.", "dim")
 
     def may_replace_conversation(self, command: str) -> bool:
         """Whether the conversation may go: it is saved as it stands, empty, or the user says so."""
@@ -363,7 +370,8 @@ class ChatREPL:
             if reply:
                 self.history.append(stats)
             self.say("stopped; what was said is kept" if reply else
-                     "stopped before the reply began; the message was not kept", "dim")
+                     "stopped before the reply began; the message was not kept" +
+                     (" (Up recalls it)" if self.recalls else ""), "dim")
             return
         self.history.append(done.stats)
         if done.stats.stop_reason == "context":
@@ -397,6 +405,8 @@ class ChatREPL:
         if key.lower() == "parameter":  # Ollama: /set parameter temperature 0.7
             key, _, value = value.strip().partition(" ")
         key, value = key.lower().replace("-", "_"), value.strip()
+        if key == "system" and not value:
+            raise UserError("usage: /set system TEXT, or /set system none for the template's default")
         if not key or not value:
             raise UserError("usage: /set budget|temperature|top_p|max_tokens|seed|system|footer|"
                             "overlap|threads VALUE")
