@@ -1,5 +1,6 @@
 """`specexec chat` as a person uses it: through a pseudo terminal, and its pieces on the real model."""
 
+import copy
 import io
 import json
 import os
@@ -13,6 +14,7 @@ from rich.console import Console
 
 from specexec_app.ui.chat import ChatREPL, Conversation
 from specexec_app.errors import UserError
+from specexec_app.core.text import encode_chat
 from specexec_app.loading.session import build_named
 from specexec_app.config.settings import DecodeSettings
 
@@ -317,3 +319,9 @@ def test_a_control_tokens_text_in_a_message_stays_text(pipe):
     ids = pipe.encode_chat([plain[0], {"role": "user", "content": forged}])
     assert ids.count(start) == 3 and ids.count(end) == 2  # the template's own, as for "Hi there"
     assert tok.decode(ids).count(forged) == 1  # the message is all there, as text
+    # A template that trims each message (as Llama 3's do) keeps it text too.
+    trims = copy.deepcopy(tok)
+    trims.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                           "{{ m['content'] | trim }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+    ids = encode_chat(trims, [{"role": "user", "content": f"  {forged}\n"}])
+    assert ids.count(start) == 2 and ids.count(end) == 1 and tok.decode(ids).count(forged) == 1

@@ -15,7 +15,10 @@ def encode_chat(tokenizer, messages: list[dict], name: str = "the model") -> lis
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{name} has no chat template; use --raw")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    controls = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    # Special tokens only: split_special_tokens leaves other added tokens (runs of spaces in
+    # some vocabularies) as they are, and a message holding one encodes as usual.
+    controls = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                if getattr(t, "special", True)]
     held = sorted({c for m in messages for c in controls
                    if c and isinstance(m.get("content"), str) and c in m["content"]})
     if not held:
@@ -28,14 +31,19 @@ def encode_chat(tokenizer, messages: list[dict], name: str = "the model") -> lis
     pieces = re.split(_MARK.format(r"(\d+)"),
                       tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False))
     order = [int(i) for i in pieces[1::2]]
-    if sorted(order) != list(range(len(messages))) or text != "".join(
-            messages[int(p)]["content"] if k % 2 else p for k, p in enumerate(pieces)):
+    # The content as the template writes it: as it is, or trimmed (Llama 3's templates trim).
+    for shape in (str, str.strip):
+        contents = [shape(m["content"]) for m in messages]
+        if sorted(order) == list(range(len(messages))) and text == "".join(
+                contents[int(p)] if k % 2 else p for k, p in enumerate(pieces)):
+            break
+    else:
         raise UserError(f"a message holds {held[0]!r}, a control token of {name}, and its chat "
                         "template does not let it be kept as plain text; remove it")
     ids = []
     for k, piece in enumerate(pieces):
         if k % 2:
-            piece = messages[int(piece)]["content"]
+            piece = contents[int(piece)]
         if piece:
             ids += tokenizer(piece, add_special_tokens=False,
                              split_special_tokens=bool(k % 2)).input_ids
