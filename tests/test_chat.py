@@ -115,8 +115,12 @@ def test_pty_double_interrupt_paste_and_stopped_stats():
         child.sendintr()
         child.expect_exact("stopped; what was said is kept")
         child.expect_exact(">>>")
+        child.sendintr()  # more presses of the stop, at the prompt now: nothing happens
+        child.sendintr()
         child.sendline("/stats")
         child.expect(r"last reply: .*stop: interrupted")
+        # No new prompt for them (the one ">>>" is the line redrawn as it is sent), no hint.
+        assert child.before.count(">>>") == 1 and "exit" not in child.before, child.before
         child.expect(r"session \(1 reply\)")
         child.expect_exact(">>>")
         child.send("\x1b[200~Name a colour.\nOne word only.\x1b[201~")

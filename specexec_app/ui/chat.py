@@ -111,9 +111,11 @@ def history_file() -> Path:
     return Path(platformdirs.user_state_dir("specexec")) / "chat_history"
 
 
-def terminal_reader(history: Path | None) -> Callable[[str], str]:
+def terminal_reader(history: Path | None, swallow: Callable[[], bool] = lambda: False
+                    ) -> Callable[[str], str]:
     """prompt_toolkit's line editor: bracketed paste, Alt+Enter for a new line, Ctrl+R search,
-    completion of commands, and a history file (kept in memory when it cannot be written)."""
+    completion of commands, and a history file (kept in memory when it cannot be written).
+    A Ctrl+C for which `swallow()` is true does nothing (it belongs to a reply's stop)."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.completion import WordCompleter
     from prompt_toolkit.history import FileHistory, InMemoryHistory
@@ -124,6 +126,11 @@ def terminal_reader(history: Path | None) -> Callable[[str], str]:
     @keys.add("escape", "enter")
     def _(event):
         event.current_buffer.insert_text("\n")
+
+    @keys.add("c-c")
+    def _(event):
+        if not swallow():
+            event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
 
     store = InMemoryHistory()
     if history is not None:
@@ -195,13 +202,13 @@ class ChatREPL:
         self.pipe, self.settings, self.console = pipe, settings, console
         self.conv = Conversation(system=system)
         self.footer, self.tuned, self.tip = footer, tuned, tip
+        self.stopping = Stopping()
         # The terminal's line editor keeps what was typed (Up recalls it); other readers do not.
         self.recalls = read is None and sys.stdin.isatty() and sys.stdout.isatty()
         if read is None:
-            read = terminal_reader(history) if self.recalls else input
+            read = terminal_reader(history, self.stopping.just_stopped) if self.recalls else input
         self.read = read
         self.history: list[Stats] = []
-        self.stopping = Stopping()
         # The file the conversation was last saved to or loaded from, and its turns then.
         self.saved_as: Path | None = None
         self.saved_turns: list[dict] = []
