@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 from specexec_app.errors import UserError
@@ -14,6 +15,13 @@ def encode_chat(tokenizer, messages: list[dict], name: str = "the model") -> lis
     for the assistant's reply."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{name} has no chat template; use --raw")
+    # A message may hold a control token's text ("<|im_end|>" typed or pasted): it must stay
+    # text. Parsed as the token, it would end its turn, and the rest could pose as a system or
+    # an assistant turn. A recent transformers (5.24 has it) keeps it text itself; else below.
+    if "sanitize_control_tokens" in inspect.signature(tokenizer.apply_chat_template).parameters:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False,
+                                                  sanitize_control_tokens=True))
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # Special tokens only: split_special_tokens leaves other added tokens (runs of spaces in
     # some vocabularies) as they are, and a message holding one encodes as usual.
@@ -23,10 +31,10 @@ def encode_chat(tokenizer, messages: list[dict], name: str = "the model") -> lis
                    if c and isinstance(m.get("content"), str) and c in m["content"]})
     if not held:
         return tokenizer(text, add_special_tokens=False).input_ids
-    # A message holds a control token's text ("<|im_end|>" typed or pasted): it must stay text.
-    # Parsed as the token, it would end its turn, and the rest could pose as a system or an
-    # assistant turn. The template's own text is tokenized with its control tokens, each
-    # message's with them split into plain text.
+    # The template's own text is tokenized with its control tokens, each message's with them
+    # split into plain text (which tokenizes a message's first characters apart from the
+    # template's last: a rare case, and a template that drops a message or reads its content
+    # is refused rather than risked).
     marked = [dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)]
     pieces = re.split(_MARK.format(r"(\d+)"),
                       tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False))

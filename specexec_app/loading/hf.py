@@ -15,7 +15,8 @@ from .sources import ModelSource, Status, _quiet, gguf_meta_dir
 
 # Files a tokenizer is read from (one is enough): transformers' fast and slow formats.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json",
-                   "spiece.model", "tokenizer.tiktoken")
+                   "spiece.model", "spm.model", "sentencepiece.bpe.model", "tekken.json",
+                   "tokenizer.tiktoken", "qwen.tiktoken")
 
 
 def _first_line(e: BaseException) -> str:

@@ -82,8 +82,8 @@ class Conversation:
                 raise UserError(f"{path} is not a file")
             size = path.stat().st_size
             if size > MAX_CONVERSATION_BYTES:
-                raise UserError(f"{path} holds {size / 2**20:.0f} MB: too large for a saved "
-                                f"conversation (at most {MAX_CONVERSATION_BYTES >> 20} MB)")
+                raise UserError(f"{path} holds {size:,} bytes: too large for a saved "
+                                f"conversation (at most {MAX_CONVERSATION_BYTES:,})")
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from e
@@ -138,7 +138,10 @@ def terminal_reader(history: Path | None, swallow: Callable[[], bool] = lambda: 
             history.parent.mkdir(parents=True, exist_ok=True)
             # Every message typed is in it: readable by its owner alone.
             os.close(os.open(history, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
-            os.chmod(history, 0o600)
+            try:
+                os.chmod(history, 0o600)
+            except OSError:
+                pass  # not ours to change: it is kept as it is
             store = FileHistory(str(history))
         except OSError:
             pass  # a read-only home: history for this session only
@@ -205,6 +208,8 @@ class ChatREPL:
         self.stopping = Stopping()
         # The terminal's line editor keeps what was typed (Up recalls it); other readers do not.
         self.recalls = read is None and sys.stdin.isatty() and sys.stdout.isatty()
+        # Piped input holds messages, not answers: questions then take their default.
+        self.asks = read is not None or sys.stdin.isatty()
         if read is None:
             read = terminal_reader(history, self.stopping.just_stopped) if self.recalls else input
         self.read = read
@@ -241,8 +246,11 @@ class ChatREPL:
         return line
 
     def ask(self, question: str, default: bool = True) -> bool:
-        """A yes or no; asked again for any other answer (a message typed there is not lost
-        for a no). End of input or Ctrl+C: no."""
+        """A yes or no; asked again for any other answer (a message typed there is not taken
+        for a no). End of input or Ctrl+C: no. Input that is not a terminal: the default."""
+        if not self.asks:
+            self.say(f"{question} {'yes' if default else 'no'} (input is not a terminal)", "dim")
+            return default
         while True:
             try:
                 answer = self.read(f"{question} [{'Y/n' if default else 'y/N'}] ").strip().lower()
@@ -260,8 +268,10 @@ class ChatREPL:
         return self.ask(f"{command} ends this conversation ({len(turns)} messages, not saved; "
                         "/save FILE keeps it). Go on?", default=False)
 
-    def saved(self, path: Path) -> None:
-        self.saved_as, self.saved_turns = path.resolve(), [dict(t) for t in self.conv.turns]
+    def saved(self, path: Path | None) -> None:
+        """Note the conversation as saved in `path` (None: a new one, saved nowhere)."""
+        self.saved_as = path.resolve() if path else None
+        self.saved_turns = [dict(t) for t in self.conv.turns] if path else []
 
     # ---- the loop ----------------------------------------------------------------------
     def welcome(self) -> None:
@@ -422,6 +432,7 @@ class ChatREPL:
                 self.say("The system prompt and the conversation stay as they were.", "dim")
                 return
             self.conv = Conversation(system=None if value.lower() == "none" else value)
+            self.saved(None)
             self.say("System prompt set; new conversation.", "dim")
             return
         if key in ("overlap", "footer"):
@@ -505,13 +516,14 @@ class ChatREPL:
 
     def cmd_clear(self, _: str) -> None:
         self.conv = Conversation(system=self.conv.system)
+        self.saved(None)
         self.say("New conversation.", "dim")
 
     def cmd_save(self, arg: str) -> None:
         if not arg:
             raise UserError("usage: /save FILE")
-        path = Path(os.path.expanduser(arg))
-        if path.exists() and path.resolve() != self.saved_as:  # not this conversation's file
+        path = Path(os.path.expanduser(arg)).resolve()  # a link's file, not the link
+        if path.exists() and path != self.saved_as:  # not this conversation's file
             if not path.is_file():
                 raise UserError(f"{path} is not a file")
             if not self.ask(f"{path} exists. Replace it?", default=False):

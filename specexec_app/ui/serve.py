@@ -472,7 +472,7 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
 
             async def events():
                 sse = lambda obj: f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"  # noqa: E731
-                sent, ended = 0, False  # text chunks sent; whether the stream's end was
+                sent, ended = 0, False  # text chunks sent; whether the generation's end came
                 try:
                     if chat:
                         yield sse(chunk(first=True))
@@ -484,6 +484,7 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
                             continue
                         if kind == "cancelled":
                             return
+                        ended = True  # the end is here: its log line stands, whatever follows
                         if kind == "error":
                             request.state.log = f"error: {value}"
                             yield sse(ApiError(500, value, "server_error").body())
@@ -496,7 +497,6 @@ def make_app(pipe=None, settings: DecodeSettings | None = None, model_name: str 
                                 yield sse({**chunk(), "choices": [], "usage": usage(value),
                                            "specexec": specexec_stats(value)})
                         yield "data: [DONE]\n\n"
-                        ended = True
                         return
                 finally:  # also when the client went away: the stream is cancelled here
                     worker.cancel(job)
