@@ -273,6 +273,11 @@ class ChatREPL:
         self.saved_as = path.resolve() if path else None
         self.saved_turns = [dict(t) for t in self.conv.turns] if path else []
 
+    def new_conversation(self, system: str | None) -> None:
+        """An empty conversation, saved nowhere (the last one's file is not its own)."""
+        self.conv = Conversation(system=system)
+        self.saved(None)
+
     # ---- the loop ----------------------------------------------------------------------
     def welcome(self) -> None:
         pipe = self.pipe
@@ -431,8 +436,7 @@ class ChatREPL:
             if not self.may_replace_conversation("A new system prompt"):
                 self.say("The system prompt and the conversation stay as they were.", "dim")
                 return
-            self.conv = Conversation(system=None if value.lower() == "none" else value)
-            self.saved(None)
+            self.new_conversation(None if value.lower() == "none" else value)
             self.say("System prompt set; new conversation.", "dim")
             return
         if key in ("overlap", "footer"):
@@ -515,8 +519,7 @@ class ChatREPL:
         self.say(f"session ({replies}): {stats_line(all_, load=True, stop=False)}")
 
     def cmd_clear(self, _: str) -> None:
-        self.conv = Conversation(system=self.conv.system)
-        self.saved(None)
+        self.new_conversation(self.conv.system)
         self.say("New conversation.", "dim")
 
     def cmd_save(self, arg: str) -> None:
