@@ -29,13 +29,20 @@ class NgramDrafter(Drafter):
         seq = np.asarray(tokens, dtype=np.int64)
         trie: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
         tree = Tree()
-        for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
-            # Windows that end before the last token, so that each has a continuation.
-            windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
-            starts = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-            for s in starts[::-1][: self.max_matches]:  # most recent first
+        top = min(self.max_ngram, len(seq) - 1)
+        # Earlier places the suffix occurred: `ends` (each followed by a continuation) where the
+        # last token did, then how far back each match runs (up to `top` tokens). One pass over
+        # the text for the last token, then a few over the candidates: most passes find none.
+        ends = np.flatnonzero(seq[:-1] == seq[-1]) + 1
+        length = np.ones_like(ends)
+        for k in range(1, top):
+            longer = (length == k) & (ends > k)
+            longer[longer] = seq[ends[longer] - 1 - k] == seq[-1 - k]
+            length += longer
+        for n in range(top, self.min_ngram - 1, -1):
+            for e in ends[length >= n][::-1][: self.max_matches]:  # most recent first
                 node = -1
-                for tok in seq[s + n: s + n + self.max_depth].tolist():
+                for tok in seq[e: e + self.max_depth].tolist():
                     child = trie.get((node, tok))
                     if child is None:
                         child = trie[(node, tok)] = tree.add(tok, node, 0.0)

@@ -34,7 +34,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from specexec_app.core.kvcache import CACHE_ARG
+from specexec_app.core.kvcache import CACHE_ARG, GrowingLayer
 
 from .kernels import KERNEL_DTYPE, KernelLinear, KernelSlice
 
@@ -135,37 +135,39 @@ def install(model) -> bool:
     return True
 
 
-def _norm(x, weight, eps, out):
-    """transformers' Llama RMSNorm in float32, rounded into `out` (bf16: the kernels' input)."""
-    return torch.mul(weight, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), out=out)
-
-
 def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, cache, keep):
     """The arithmetic of transformers' layers (with `_sdpa_float64`) bit for bit, in fewer ops:
-    matmul inputs rounded to bf16 as they are written, kernel outputs added in float32 without a
-    float32 copy, q and k rotated together, the residual stream updated in place."""
+    the residual stream [n, hidden] updated in place, RMSNorm as torch's own (the same
+    arithmetic in one call) written into the kernels' bf16 input, q and k rotated together with
+    rotate_half's sign moved onto the sine ((-a) * b == a * (-b) exactly), values widened as they
+    are written into the cache, attention's output rounded to bf16 as it is laid out for o_proj,
+    and kernel outputs added without a float32 copy."""
     n = ids.shape[1]
-    x = model.model.embed_tokens(ids).clone()                  # [1, n, hidden] float32, ours
-    cos, sin = model.model.rotary_emb(x, pos)
+    x = model.model.embed_tokens(ids)[0].clone()              # [n, hidden] float32, ours
+    hidden, k_end, half = x.shape[-1], (heads + kv_heads) * head_dim, head_dim // 2
+    cos, sin = model.model.rotary_emb(x[None], pos)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    k_end, half = (heads + kv_heads) * head_dim, head_dim // 2
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
     mask = None if mask is None else mask.to(ATTENTION_DTYPE)
     a = torch.empty_like(x, dtype=KERNEL_DTYPE)               # the matmuls' bf16 inputs
     m = torch.empty(n, inter, dtype=KERNEL_DTYPE)
-
-    def rotate(t):
-        return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
+    o = torch.empty(n, heads, head_dim, dtype=KERNEL_DTYPE)   # attention's output, o_proj's input
+    o_heads, o_rows = o.transpose(0, 1), o.view(n, -1)
 
     for i, (w1, eps1, qkv, out, w2, eps2, gate_up, down, scale) in enumerate(layers):
-        y = qkv(_norm(x, w1, eps1, a).view(n, -1))
-        qk = rotate(y[:, :k_end].view(1, n, heads + kv_heads, head_dim).transpose(1, 2))
-        v = y[:, k_end:].view(1, n, kv_heads, head_dim).transpose(1, 2).float()
-        k, v = cache.update(qk[:, heads:], v, i)
-        o = F.scaled_dot_product_attention(qk[:, :heads].to(ATTENTION_DTYPE), k.to(ATTENTION_DTYPE),
-                                           v.to(ATTENTION_DTYPE), attn_mask=mask,
-                                           scale=scale, enable_gqa=kv_heads != heads)
-        x.add_(out(o.to(KERNEL_DTYPE).transpose(1, 2).reshape(n, -1)).view(1, n, -1))
-        g, u = gate_up(_norm(x, w2, eps2, a).view(n, -1)).split(inter, -1)
-        x.add_(down(torch.mul(F.silu(g.float()), u, out=m)).view(1, n, -1))
-    x = model.model.norm(x[:, -keep:] if keep else x)
+        a.copy_(F.rms_norm(x, (hidden,), w1, eps1))
+        y = qkv(a)
+        t = y[:, :k_end].view(1, n, heads + kv_heads, head_dim).transpose(1, 2)
+        qk = t * cos + t.roll(half, -1) * sin
+        v = y[:, k_end:].view(1, n, kv_heads, head_dim).transpose(1, 2)
+        layer = cache.layers[i] if i < len(cache.layers) else None
+        k, v = cache.update(qk[:, heads:], v if isinstance(layer, GrowingLayer) else v.float(), i)
+        o_heads.copy_(F.scaled_dot_product_attention(
+            qk[:, :heads].to(ATTENTION_DTYPE), k.to(ATTENTION_DTYPE), v.to(ATTENTION_DTYPE),
+            attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads)[0])
+        x.add_(out(o_rows))
+        a.copy_(F.rms_norm(x, (hidden,), w2, eps2))
+        g, u = gate_up(a).split(inter, -1)
+        x.add_(down(torch.mul(F.silu(g.float()), u, out=m)))
+    x = model.model.norm(x[None, -keep:] if keep else x[None])
     return CausalLMOutputWithPast(logits=model.lm_head(x), **{CACHE_ARG: cache})

@@ -29,8 +29,10 @@ class GrowingLayer(DynamicLayer):
         self.limit = limit
 
     def update(self, key_states, value_states, *args, **kwargs):
+        """Append the new entries; values are stored in the keys' dtype (the CPU's lean forward
+        hands its bf16 kernel output over as it is, widened exactly as it is written)."""
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+            self.lazy_initialization(key_states, key_states)
             self.room_k = self.room_v = None
         n, add = self.get_seq_length(), key_states.shape[-2]
         # The views truncate() and the commit leave are still views of the buffers' start.
@@ -41,7 +43,7 @@ class GrowingLayer(DynamicLayer):
                 size = max(n + add, min(size, self.limit))
             shape = (*key_states.shape[:-2], size, key_states.shape[-1])
             room_k = key_states.new_empty(shape)
-            room_v = value_states.new_empty((*shape[:-1], value_states.shape[-1]))
+            room_v = key_states.new_empty((*shape[:-1], value_states.shape[-1]))
             if n:
                 room_k[..., :n, :] = self.keys
                 room_v[..., :n, :] = self.values
@@ -94,8 +96,9 @@ def keep_slots(cache: DynamicCache, base: int, slots: list[int]) -> None:
 
 def truncate(cache: DynamicCache, length: int) -> None:
     """Drop every entry from position `length` on."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+    for layer in cache.layers:  # (a layer no longer than `length` is left as it is)
+        keys = getattr(layer, "keys", None)
+        if keys is None or keys.numel() == 0 or keys.shape[-2] <= length:
             continue
         layer.keys = layer.keys[..., :length, :]
         layer.values = layer.values[..., :length, :]

@@ -74,7 +74,7 @@ PREFILL_CHUNK = 2048  # most rows of one pass over pending tokens (a long prompt
 
 
 def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree,
-                 streamer=None) -> torch.Tensor:
+                 streamer=None, where: tuple[torch.device, torch.dtype] | None = None) -> torch.Tensor:
     """One pass over `pending` tokens then `tree` on top of `kv`; the new entries are appended to
     the cache (pending first, then nodes in order) and `kv.tokens` is left unchanged. A long run
     of pending tokens (a prompt) first goes through in chunks, so that no pass computes more than
@@ -86,7 +86,10 @@ def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree,
     would take another 1 GB of GPU memory): row 0 after the last pending token (the root), row
     1 + i after node i. With the `streamer` of a streamed target, a prompt of several chunks goes
     layer by layer (`_prefill_layer_major`): its layers are streamed once, not once a chunk.
+    `where`: the model's device and mask dtype, if the caller knows them (finding them takes a
+    walk over the model's parameters, ~40 us a pass).
     """
+    where = where or (model_device(model), mask_dtype(model))
     rows, done, spans = max(PREFILL_CHUNK, len(tree) + 1), 0, []
     while len(pending) - done > 1 and len(pending) - done + len(tree) > rows:
         n = min(rows, len(pending) - done - 1)
@@ -98,8 +101,8 @@ def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree,
             _prefill_layer_major(model, kv, len(kv.tokens), pending, spans)
     else:
         for a, b in spans:
-            _forward(model, kv, len(kv.tokens) + a, pending[a:b], Tree())
-    return _forward(model, kv, len(kv.tokens) + done, pending[done:], tree)
+            _forward(model, kv, len(kv.tokens) + a, pending[a:b], Tree(), where)
+    return _forward(model, kv, len(kv.tokens) + done, pending[done:], tree, where)
 
 
 # Decoder stacks whose forward is: embed, rotary embedding, the layers over one mask, norm
@@ -146,9 +149,10 @@ def run(model, kv: TokenCache, ids: torch.Tensor, pos: torch.Tensor, mask: torch
     return out.logits[0]
 
 
-def _forward(model, kv: TokenCache, past: int, pending: list[int], tree: Tree) -> torch.Tensor:
+def _forward(model, kv: TokenCache, past: int, pending: list[int], tree: Tree,
+             where: tuple[torch.device, torch.dtype]) -> torch.Tensor:
     """`pending` then `tree` on top of the `past` entries that `kv`'s cache holds."""
-    ids, pos, mask = tree_inputs(pending, tree, past, mask_dtype(model), model_device(model))
+    ids, pos, mask = tree_inputs(pending, tree, past, where[1], where[0])
     return run(model, kv, ids, pos, mask, len(tree) + 1)
 
 
@@ -228,6 +232,7 @@ class Target:
         self.kv = TokenCache(self.context_length + planned + 1)
         self._pending: list[int] = []
         self.device = model_device(model)
+        self._where = (self.device, mask_dtype(model))
         self.streamer = offloaded.streamer if offloaded is not None else None
         self.placement = offloaded.placement if offloaded is not None else None
         self.rope_switch = rope_switch(model)
@@ -266,7 +271,7 @@ class Target:
                 self._long = long
             self._rope.long = long  # (a draft sharing the model may have set it since)
         self._pending = self.kv.sync(tokens)
-        return forward_tree(self.model, self.kv, self._pending, tree, self.streamer)
+        return forward_tree(self.model, self.kv, self._pending, tree, self.streamer, self._where)
 
     def commit(self, tree: Tree, path: list[int]) -> None:
         """Keep the pending tokens and the accepted `path` nodes of the last `verify`."""
