@@ -12,7 +12,12 @@ Decode tokens/s leaves the prompt's prefill out for every system: specexec's own
 after the first pass), transformers' generate timed to `--new` tokens minus its time to one
 token, llama.cpp's own eval counters (`llama_perf_context`: its decode time, no Python).
 
-    python benchmarks/cpu_decode.py [--prompts 6] [--new 128] [--threads 2] [--json out.json]
+The three rows that the goals compare (specexec one token a pass, specexec with the default
+drafter, llama.cpp) run interleaved: prompt by prompt, each system in turn (the order rotating),
+for `--rounds` rounds, so that a virtual machine whose speed drifts by 20-30 % within minutes
+(ours does) moves all three alike. The other rows run once, after them.
+
+    python benchmarks/cpu_decode.py [--prompts 6] [--new 128] [--rounds 3] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,21 +30,45 @@ import time
 import torch
 
 
-def specexec_rate(pipe, prompts, new: int, budget: int) -> dict:
+class Tally:
+    """Decode tokens, seconds and passes summed over prompts (and rounds), with each prompt's
+    output as its first round gave it."""
+
+    def __init__(self, passes: bool = True):
+        self.tokens = self.seconds = self.passes = 0
+        self.counts_passes = passes
+        self.outputs: dict[int, list[int]] = {}
+
+    def add(self, i: int, tokens: int, seconds: float, passes: int, out: list[int]) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        self.passes += passes
+        self.outputs.setdefault(i, out)
+
+    def result(self) -> dict:
+        r = {"tokens_per_s": self.tokens / self.seconds,
+             "outputs": [self.outputs[i] for i in sorted(self.outputs)]}
+        if self.counts_passes:
+            r |= {"accepted_per_pass": self.tokens / max(1, self.passes),
+                  "ms_per_pass": 1000 * self.seconds / max(1, self.passes)}
+        return r
+
+
+def specexec_one(pipe, drafter, ids, new: int, budget: int, tally: Tally, i: int) -> None:
     from specexec_app.config.settings import DecodeSettings
 
-    tokens = seconds = passes = 0
-    outs = []
-    for ids in prompts:
-        done = list(pipe.generate(ids, DecodeSettings(budget=budget, max_new_tokens=new)))[-1]
-        s = done.stats
-        decode_s = s.wall_s - s.prefill_s
-        tokens += s.new_tokens - s.first_pass_tokens
-        seconds += decode_s
-        passes += s.target_passes - 1
-        outs.append(done.token_ids)
-    return {"tokens_per_s": tokens / seconds, "accepted_per_pass": tokens / max(1, passes),
-            "ms_per_pass": 1000 * seconds / max(1, passes), "outputs": outs}
+    pipe.drafter = drafter
+    done = list(pipe.generate(ids, DecodeSettings(budget=budget, max_new_tokens=new)))[-1]
+    s = done.stats
+    tally.add(i, s.new_tokens - s.first_pass_tokens, s.wall_s - s.prefill_s, s.target_passes - 1,
+              done.token_ids)
+
+
+def specexec_rate(pipe, drafter, prompts, new: int, budget: int) -> dict:
+    tally = Tally()
+    for i, ids in enumerate(prompts):
+        specexec_one(pipe, drafter, ids, new, budget, tally, i)
+    return tally.result()
 
 
 def transformers_rate(model, prompts, new: int, stops) -> dict:
@@ -61,29 +90,28 @@ def transformers_rate(model, prompts, new: int, stops) -> dict:
     return {"tokens_per_s": tokens / seconds, "outputs": outs}
 
 
-def llama_rate(path: str, prompts, new: int, threads: int) -> dict | None:
+def llama_model(path: str, threads: int):
+    """llama.cpp on the GGUF, or None where `llama_cpp` does not import."""
     try:
         import llama_cpp
     except ImportError:
         return None
-    llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=4096,
-                          verbose=False)
-    tokens = seconds = 0.0
-    outs = []
-    for ids in prompts:
-        llm.reset()
-        llama_cpp.llama_perf_context_reset(llm.ctx)
-        out = []
-        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            if llm.token_eos() == tok or len(out) >= new:
-                break
-            out.append(tok)
-        perf = llama_cpp.llama_perf_context(llm.ctx)
-        tokens += perf.n_eval
-        seconds += perf.t_eval_ms / 1000
-        outs.append(out)
-    return {"tokens_per_s": tokens / seconds, "outputs": outs,
-            "version": getattr(llama_cpp, "__version__", "?")}
+    return llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=4096,
+                           verbose=False)
+
+
+def llama_one(llm, ids, new: int, tally: Tally, i: int) -> None:
+    import llama_cpp
+
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+    out = []
+    for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        if llm.token_eos() == tok or len(out) >= new:
+            break
+        out.append(tok)
+    perf = llama_cpp.llama_perf_context(llm.ctx)
+    tally.add(i, perf.n_eval, perf.t_eval_ms / 1000, 0, out)
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -100,6 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=6, help="Spec-Bench prompts, one per category")
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the interleaved rows")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -120,30 +149,49 @@ def main() -> None:
     default = config.decode.budget
     print(f"{len(prompts)} Spec-Bench prompts, {args.new} new tokens, greedy, {args.threads} threads")
 
-    one = pipe.drafter
-    pipe.drafter = NgramDrafter(min_ngram=10**6)  # proposes nothing: one token per pass
-    specexec_rate(pipe, prompts[:1], 8, 1)  # warm-up
-    results["specexec, packed kernels, one token per pass"] = specexec_rate(pipe, prompts, args.new, 1)
-    pipe.drafter = one
-    results[f"specexec, packed kernels, default drafter ({config.load.draft}, budget {default})"] = \
-        specexec_rate(pipe, prompts, args.new, default)
-    # The same with float32 attention (before: faster, but greedy output moved with the draft at
-    # bf16 near-ties; offload/cpu_forward.py): what float64 attention costs, side by side.
     import offload.cpu_forward as lean
     from specexec_app.core.kvcache import TokenCache
 
-    lean.ATTENTION_DTYPE, pipe.target.kv = torch.float32, TokenCache()
-    pipe.drafter = NgramDrafter(min_ngram=10**6)
-    results["  the same, float32 attention, one token per pass"] = specexec_rate(pipe, prompts, args.new, 1)
-    pipe.drafter = one
-    results[f"  the same, float32 attention, default drafter (budget {default})"] = \
-        specexec_rate(pipe, prompts, args.new, default)
+    none, ngram = NgramDrafter(min_ngram=10**6), pipe.drafter  # none proposes: one token a pass
+    specexec_rate(pipe, none, prompts[:1], 8, 1)  # warm-up
+    llm = llama_model(smollm2_gguf(), args.threads)
+    # name -> (attention dtype of the lean forward, drafter, budget) or None for llama.cpp. The
+    # float32-attention rows measure what exactness costs (before: faster, but greedy output
+    # moved with the draft at bf16 near-ties; offload/cpu_forward.py).
+    systems = {
+        "specexec, packed kernels, one token per pass": (torch.float64, none, 1),
+        f"specexec, packed kernels, default drafter ({config.load.draft}, budget {default})":
+            (torch.float64, ngram, default),
+        "  the same, float32 attention, one token per pass": (torch.float32, none, 1),
+        f"  the same, float32 attention, default drafter (budget {default})":
+            (torch.float32, ngram, default)}
+    if llm is not None:
+        import llama_cpp
+
+        systems[f"llama.cpp {getattr(llama_cpp, '__version__', '?')} (llama-cpp-python)"] = None
+    tallies = {name: Tally(passes=spec is not None) for name, spec in systems.items()}
+    names = list(systems)
+    for r in range(args.rounds):
+        for i, ids in enumerate(prompts):
+            turn = (r * len(prompts) + i) % len(names)
+            for name in names[turn:] + names[:turn]:
+                spec = systems[name]
+                time.sleep(0.2)  # the last system's spinning threads go idle
+                if spec is None:
+                    llama_one(llm, ids, args.new, tallies[name], i)
+                    continue
+                if lean.ATTENTION_DTYPE != spec[0]:  # entries cached under the other arithmetic go
+                    lean.ATTENTION_DTYPE, pipe.target.kv = spec[0], TokenCache(pipe.target.kv.limit)
+                specexec_one(pipe, spec[1], ids, args.new, spec[2], tallies[name], i)
+        print(f"round {r + 1} of {args.rounds} done", flush=True)
+    results = {name: t.result() for name, t in tallies.items()}
+    llama = results.pop(names[-1]) if llm is not None else None
+    del llm
     lean.ATTENTION_DTYPE = torch.float64
     del pipe
     dense = build(config.load.__class__(**{**config.load.__dict__, "quant": 16}))
-    dense.drafter = NgramDrafter(min_ngram=10**6)
     results["specexec, float32 weights (--quant 16), one token per pass"] = \
-        specexec_rate(dense, prompts, args.new, 1)
+        specexec_rate(dense, none, prompts, args.new, 1)
     model, stops = dense.target.model, dense.stop_ids
     del dense
     src = __import__("specexec_app.loading.sources", fromlist=["resolve"]).resolve("smollm2")
@@ -151,9 +199,8 @@ def main() -> None:
     del model
     results["transformers generate (float32 from the GGUF)"] = transformers_rate(hf, prompts, args.new, stops)
     del hf
-    llama = llama_rate(smollm2_gguf(), prompts, args.new, args.threads)
     if llama:
-        results[f"llama.cpp {llama.pop('version')} (llama-cpp-python)"] = llama
+        results[names[-1]] = llama
 
     base = llama["tokens_per_s"] if llama else None
     ref = next(iter(results.values()))["outputs"]
@@ -166,7 +213,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": platform.processor() or platform.machine(),
-                       "threads": args.threads, "new": args.new, "prompts": texts,
+                       "threads": args.threads, "new": args.new, "rounds": args.rounds,
+                       "prompts": texts,
                        "results": {k: {x: y for x, y in v.items() if x != "outputs"}
                                    for k, v in results.items()}}, f, indent=1)
 

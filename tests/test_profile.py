@@ -100,9 +100,11 @@ def test_options_win_over_the_profile_which_wins_over_defaults():
     # (quant None: as the checkpoint stores them)
     assert (c.decode.budget, c.load.quant, c.load.offload, c.from_profile) == (32, None, "auto", False)
     c = resolve({}, None)  # no profile: the default preset's budget
+    from specexec_app.config.presets import get_preset
+
     assert (c.load.target, c.decode.budget, c.load.quant, c.load.offload, c.load.drafter) == (
-        "smollm2-135m-instruct", 8, None, "auto", "auto")
-    assert c.sources["budget"] == "preset" and resolve({"budget": 3}, None).sources["budget"] == "option"
+        "smollm2-135m-instruct", get_preset("default").budget, None, "auto", "auto")
+    assert c.sources["budget"] == "preset" and resolve({"budget": 5}, None).sources["budget"] == "option"
 
 
 @pytest.mark.parametrize("text, needle", [
