@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if min(args.prompts, args.new, args.rounds, args.threads) < 1:
+        ap.error("--prompts, --new, --rounds and --threads must be at least 1")
     torch.set_num_threads(args.threads)
 
     from drafts import NgramDrafter
@@ -165,7 +167,9 @@ def main() -> None:
         "  the same, float32 attention, one token per pass": (torch.float32, none, 1),
         f"  the same, float32 attention, default drafter (budget {default})":
             (torch.float32, ngram, default)}
-    if llm is not None:
+    if llm is None:
+        print("llama.cpp left out: llama_cpp does not import (`pip install llama-cpp-python` builds it)")
+    else:
         import llama_cpp
 
         systems[f"llama.cpp {getattr(llama_cpp, '__version__', '?')} (llama-cpp-python)"] = None

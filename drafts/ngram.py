@@ -29,6 +29,8 @@ class NgramDrafter(Drafter):
         seq = np.asarray(tokens, dtype=np.int64)
         trie: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
         tree = Tree()
+        if len(seq) < 2:
+            return tree  # nothing came before the last token
         top = min(self.max_ngram, len(seq) - 1)
         # Earlier places the suffix occurred: `ends` (each followed by a continuation) where the
         # last token did, then how far back each match runs (up to `top` tokens). One pass over

@@ -124,7 +124,7 @@ def install(model) -> bool:
         ids, pos, mask = (kwargs.get(k) for k in ("input_ids", "position_ids", "attention_mask"))
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         lean = (not args and set(kwargs) <= ENGINE_CALL and ids is not None and pos is not None
-                and isinstance(cache, DynamicCache)
+                and ids.shape[0] == 1 and isinstance(cache, DynamicCache)
                 and (mask.dim() == 4 if mask is not None else ids.shape[1] == 1))
         if not lean:  # the call as it came, to transformers' layers
             return original(*args, **kwargs)

@@ -80,11 +80,17 @@ def read_header(path: Path) -> tuple[dict[str, object], list[tuple[str, tuple[in
         def ahead(n: int, what: str) -> int:
             """`n`, if the file has `n` more bytes (a damaged count must not read or loop for ever)."""
             if n > file_size - f.tell():
-                raise ValueError(f"the header is damaged ({what} runs past the end of the file)")
+                raise ValueError(f"the header is damaged: {what} would run past the end of the file")
             return n
 
         def string() -> bytes:
             return f.read(ahead(take("Q"), "a string"))
+
+        def text() -> str:
+            try:
+                return string().decode()
+            except UnicodeDecodeError:
+                raise ValueError("the header is damaged: a name is not UTF-8 text") from None
 
         def skip(kind: int) -> object:
             if kind == 8:
@@ -100,10 +106,10 @@ def read_header(path: Path) -> tuple[dict[str, object], list[tuple[str, tuple[in
                     for _ in range(ahead(count * 12, "an array") // 12):
                         skip(item)
                 else:
-                    raise ValueError(f"the header is damaged (metadata type {item})")
+                    raise ValueError(f"the header is damaged: an array of unknown type {item}")
                 return None
             if kind not in _SCALAR:
-                raise ValueError(f"the header is damaged (metadata type {kind})")
+                raise ValueError(f"the header is damaged: a value of unknown type {kind}")
             return take(_SCALAR[kind])
 
         if f.read(4) != b"GGUF":
@@ -113,19 +119,19 @@ def read_header(path: Path) -> tuple[dict[str, object], list[tuple[str, tuple[in
             raise ValueError(f"GGUF version {version} is too old")
         # Each metadata entry takes at least 12 bytes, each tensor info at least 24.
         n_tensors, n_kv = take("Q"), take("Q")
-        ahead(n_kv * 12 + n_tensors * 24, "the counts of entries")
+        ahead(n_kv * 12 + n_tensors * 24, "its count of entries")
         meta = {}
         for _ in range(n_kv):
-            key = string().decode()
+            key = text()
             value = skip(take("I"))
             if value is not None:
                 meta[key] = value.decode(errors="replace") if isinstance(value, bytes) else value
         infos = []
         for _ in range(n_tensors):
-            name = string().decode()
+            name = text()
             dims = take("I")
             if dims > 8:
-                raise ValueError(f"the header is damaged (tensor {name} has {dims} dimensions)")
+                raise ValueError(f"the header is damaged: tensor {name} has {dims} dimensions")
             shape = tuple(take("Q") for _ in range(dims))
             infos.append((name, shape, take("I"), take("Q")))
         align = int(meta.get("general.alignment", 32))
@@ -146,7 +152,7 @@ class GGUFModel:
             try:
                 meta, infos, start = read_header(part)
             except (OSError, ValueError, UnicodeDecodeError, OverflowError, MemoryError) as e:
-                raise UserError(f"{part} is not a readable GGUF file ({e})") from e
+                raise UserError(f"{part} is not a readable GGUF file: {e}") from e
             if part == self.parts[0]:
                 self.architecture = str(meta.get("general.architecture", "?"))
             for name, ggml_shape, kind, offset in infos:

@@ -177,6 +177,9 @@ def test_context_full_offers_to_drop_the_oldest_turns(pipe):
         r.conv.turns = [dict(t) for t in turns]
         assert r.fit_context("Thanks!") is None and len(r.conv.turns) == 8  # declined: unchanged
         assert "Please answer y or n." in out.getvalue()  # a message typed there is no answer
+        # Said why, though the conversation is below the context: the room kept for a reply.
+        assert (f"take {conv_len} of {conv_len + 20} tokens, which leaves less than the 24 kept "
+                "for a reply") in out.getvalue()
         ids = r.fit_context("Thanks!")  # accepted: the oldest exchanges go
         assert ids is not None and len(ids) + 24 <= target.context_length
         assert 0 < len(r.conv.turns) < 8 and r.conv.turns[0]["role"] == "user"

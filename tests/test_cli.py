@@ -104,7 +104,14 @@ def test_run_stats_json(tmp_path):
     produced = stats["new_tokens"] + (stats["stop_reason"] == "eos")  # the stop token was drawn too
     assert stats["accepted_per_pass"] == pytest.approx(produced / stats["target_passes"])
     assert "tok/s" in result.stderr and "accepted/pass" in result.stderr
-    assert result.stdout.strip()
+    assert f"with draft {stats['draft']}, budget {stats['budget']}," in result.stderr  # what ran
+    assert result.stdout.strip() and "note: the reply stopped" not in result.stderr  # -n was given
+
+
+def test_run_says_when_the_default_length_cut_the_reply():
+    result = invoke("Write a 2000-word essay about the history of Rome.")
+    assert result.exit_code == 0, result.output
+    assert "note: the reply stopped at 256 tokens (--max-new-tokens N for longer replies)" in result.stderr
 
 
 def test_raw_greedy_stdout_is_exactly_the_continuation(model, tokenizer):

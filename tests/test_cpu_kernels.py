@@ -302,3 +302,21 @@ def test_self_drafts_of_the_gguf_target_load_and_stay_exact(kernel_model, gguf_s
     done = run(kernel_model, drafter, ids, stops, tokenizer, budget=4)
     assert done.stats.accepted_per_pass > 1.5  # a copy of the target: most nodes accepted
     assert done.token_ids == own_greedy(kernel_model, ids, stops, tokenizer, NEW)
+
+
+def test_a_batch_of_two_goes_through_the_layers(kernel_model, chat_ids):
+    """The lean forward takes one sequence (the engine's calls); a batch of two goes to
+    transformers' layers, and each row gets the logits it gets alone."""
+    from specexec_app.core.kvcache import CACHE_ARG, TokenCache
+    from specexec_app.core.tree import Tree, tree_inputs
+
+    ids = chat_ids("Name three colours.")
+    x, pos, mask = tree_inputs(ids, Tree(), 0, torch.float32, torch.device("cpu"))
+    outs = []
+    with torch.inference_mode():
+        for batch in (1, 2):
+            outs.append(kernel_model(input_ids=x.expand(batch, -1), position_ids=pos.expand(batch, -1),
+                                     attention_mask=mask.expand(batch, -1, -1, -1), use_cache=True,
+                                     **{CACHE_ARG: TokenCache().cache}, logits_to_keep=1).logits)
+    assert outs[1].shape[0] == 2
+    assert torch.allclose(outs[1][0], outs[0][0], atol=1e-3) and torch.allclose(outs[1][1], outs[0][0], atol=1e-3)

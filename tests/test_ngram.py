@@ -26,6 +26,7 @@ def test_ngram_budget_and_closure():
 def test_ngram_with_nothing_to_copy_proposes_nothing():
     assert len(NgramDrafter().propose([1, 2, 3, 4], budget=8)) == 0
     assert len(NgramDrafter().propose([5], budget=8)) == 0
+    assert len(NgramDrafter(min_ngram=1).propose([], budget=8)) == 0
 
 
 def test_min_ngram_ignores_short_matches():

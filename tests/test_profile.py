@@ -12,7 +12,7 @@ from specexec_app.ui.cli import app
 from specexec_app.config.profile import Choice, Profile, save_profile
 from specexec_app.config.settings import resolve
 from specexec_app.tools.prompts import bench_prompts
-from specexec_app.tools.tune import lookup, profile_candidates
+from specexec_app.tools.tune import choose_best, lookup, profile_candidates
 
 runner = CliRunner()
 
@@ -40,7 +40,7 @@ def test_profile_measures_tunes_saves_and_run_uses_it(config, tmp_path):
         assert budgets == profile_candidates(__import__("torch").device("cpu"), True)
     best = next(r for r in data["calibration"] if r["budget"] == data["choice"]["budget"]
                 and r["draft"] == data["choice"]["draft"])
-    assert best["tokens_per_s"] == max(r["tokens_per_s"] for r in data["calibration"])  # ties allowed
+    assert best == choose_best(data["calibration"])  # the fastest, or the smallest budget of a tie
     # The default model is a GGUF: kept in its blocks (the CPU's packed kernels), not float32.
     assert "quant" not in data["choice"] and "GGUF" in data["target"]["quant_reason"]
     # CPU threads: every count timed, the fastest chosen (and set for the run that follows).
@@ -53,6 +53,11 @@ def test_profile_measures_tunes_saves_and_run_uses_it(config, tmp_path):
 
     shown = runner.invoke(app, ["profile", "--show"])
     assert shown.exit_code == 0 and f"budget {best['budget']}" in shown.output
+    # A check far below the prediction (the machine was busy) is flagged.
+    slow = dict(data, measured_tokens_per_s=data["predicted_tokens_per_s"] / 2)
+    save_profile(Profile.from_dict(slow))
+    shown = runner.invoke(app, ["profile", "--show"])
+    assert "warning: the check ran 50 % below the prediction" in shown.output
 
     # run takes the profile's budget; an option overrides it.
     data["choice"]["budget"] = 5
@@ -102,8 +107,13 @@ def test_options_win_over_the_profile_which_wins_over_defaults():
     c = resolve({}, None)  # no profile: the default preset's budget
     from specexec_app.config.presets import get_preset
 
+    here = "cuda" if __import__("torch").cuda.is_available() else "cpu"
     assert (c.load.target, c.decode.budget, c.load.quant, c.load.offload, c.load.drafter) == (
-        "smollm2-135m-instruct", get_preset("default").budget, None, "auto", "auto")
+        "smollm2-135m-instruct", get_preset("default").budget_on(here), None, "auto", "auto")
+    # The preset's budget for where the target computes: trees that fill the CPU int4 kernel's
+    # row blocks on a CPU, bigger ones on a GPU (whose pass hardly grows with a small tree).
+    assert (resolve({"device": "cpu"}, None).decode.budget, resolve({"device": "cuda"}, None).decode.budget,
+            resolve({"device": "cuda:0"}, None).decode.budget) == (3, 8, 8)
     assert c.sources["budget"] == "preset" and resolve({"budget": 5}, None).sources["budget"] == "option"
 
 
@@ -128,6 +138,15 @@ def test_a_bad_profile_is_a_one_line_error_everywhere(config, text, needle):
 
 
 def test_cost_model_pieces():
+    def row(draft, budget, speed, overlap=0.0):
+        return {"draft": draft, "budget": budget, "tokens_per_s": speed, "overlap_tokens_per_s": overlap}
+
+    # Within TIE of the fastest is a tie, which the smallest budget wins (then the earlier row);
+    # a bigger tree that is clearly faster, with or without overlap, wins.
+    assert choose_best([row("a", 1, 100.0), row("a", 3, 102.0), row("a", 7, 101.0)])["budget"] == 1
+    assert choose_best([row("a", 1, 100.0), row("a", 3, 102.0), row("a", 7, 120.0)])["budget"] == 7
+    assert choose_best([row("a", 16, 10.0), row("a", 64, 9.0, overlap=12.0)])["budget"] == 64
+    assert choose_best([row("a", 3, 100.0), row("b", 3, 101.0), row("b", 1, 50.0)])["draft"] == "a"
     assert lookup({0: 1.0, 8: 2.0, 16: 4.0}, 4) == pytest.approx(1.5)
     assert lookup({0: 1.0, 8: 2.0, 16: 4.0}, 32) == pytest.approx(8.0)
     cal, check = bench_prompts(["writing", "qa"], first=0), bench_prompts(["writing", "qa"], first=1)

@@ -19,6 +19,11 @@ class Preset:
     draft: str
     budget: int
     description: str = ""
+    cpu_budget: int | None = None  # the budget where the target computes on a CPU, if another
+
+    def budget_on(self, device: str) -> int:
+        """The budget for a target computing on `device` ("cpu" or "cuda")."""
+        return self.cpu_budget if device == "cpu" and self.cpu_budget else self.budget
 
 
 def load_presets(path: Path = PRESETS_FILE) -> dict[str, Preset]:

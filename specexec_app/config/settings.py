@@ -107,7 +107,15 @@ def resolve(given: dict, choice=None, preset_of=None) -> RunConfig:
     sources: dict[str, str] = {}
     name = given.get("target") or (choice.target if choice else None) or "default"
     preset = preset_of(name)
-    preset_values = {"draft": preset.draft, "budget": preset.budget} if preset else {}
+    device = check_device(given.get("device") or "auto")
+    if preset:  # the budget for where the target will compute (--device auto: a GPU if any)
+        import torch
+
+        on = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) \
+            else "cpu"
+        preset_values = {"draft": preset.draft, "budget": preset.budget_on(on)}
+    else:
+        preset_values = {}
 
     def pick(key: str, default):
         for where, value in (("option", given.get(key)),
@@ -125,7 +133,7 @@ def resolve(given: dict, choice=None, preset_of=None) -> RunConfig:
     budget = pick("budget", DEFAULT_BUDGET)
     load = LoadSpec(target=preset.target if preset else name,
                     draft=draft_preset.draft if draft_preset else draft,
-                    device=check_device(given.get("device") or "auto"),
+                    device=device,
                     quant=pick("quant", None), offload=pick("offload", "auto"),
                     gpu_memory=parse_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory,
                     drafter=pick("drafter", "auto"), context=given.get("context"),

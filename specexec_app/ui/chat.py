@@ -332,7 +332,7 @@ class ChatREPL:
             raise UserError(f"this message takes {len(alone)} tokens; with room for a reply it "
                             f"does not fit the context of {context} tokens{more}")
         self.say(f"The context is full: the conversation and this message take {len(ids)} of "
-                 f"{context} tokens{more}.")
+                 f"{context} tokens, which leaves less than the {room} kept for a reply{more}.")
         if not self.ask("Drop the oldest turns to make room?"):
             self.say("Nothing sent. /clear starts a new conversation.", "dim")
             return None

@@ -187,7 +187,11 @@ def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it fro
             check_writable(stats_json, "--stats-json")
         config, profile = resolve_config(opts)
         pipe = load(config)
-        if pipe.target.placement is not None:
+        if stats:  # what ran, as chat's first line says it
+            err.print(f"{pipe.target_name} with draft {pipe.draft_name}, budget {config.decode.budget}, "
+                      f"{pipe.placement_text()}" + (" (tuned by your profile)" if config.from_profile else ""),
+                      soft_wrap=True, markup=False)
+        elif pipe.target.placement is not None:
             err.print(f"target: {pipe.placement_text()}", soft_wrap=True, markup=False)
         if profile is None and err.is_terminal:
             err.print(PROFILE_TIP, style="dim", markup=False)
@@ -215,6 +219,10 @@ def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it fro
             context = pipe.target.context_length
             err.print(f"note: the reply was cut where it filled the model's context of {context} "
                       f"tokens{pipe.target.context_hint()}", soft_wrap=True, markup=False)
+        elif done.stats.stop_reason == "length" and not raw and \
+                config.sources.get("max_new_tokens") != "option":
+            err.print(f"note: the reply stopped at {config.decode.max_new_tokens} tokens "
+                      "(--max-new-tokens N for longer replies)", soft_wrap=True, markup=False)
         report(done.stats)
 
 
@@ -306,7 +314,8 @@ def models() -> None:
             else:
                 dwhere, dok = locate(p.draft)
             mark = "[green]present[/]" if ok and dok else "[yellow]missing[/]"
-            out.print(f"\n[bold]{escape(p.name)}[/]  {mark}  budget {p.budget}  [dim]{escape(p.description)}[/]", soft_wrap=True)
+            budget = f"budget {p.budget}" + (f" ({p.cpu_budget} on a CPU)" if p.cpu_budget else "")
+            out.print(f"\n[bold]{escape(p.name)}[/]  {mark}  {budget}  [dim]{escape(p.description)}[/]", soft_wrap=True)
             out.print(f"  target {escape(p.target)}: {'' if ok else '[yellow]not found[/], looked in '}{escape(where)}", soft_wrap=True)
             out.print(f"  draft  {escape(p.draft)}: {'' if dok else '[yellow]not found[/], looked in '}{escape(dwhere)}", soft_wrap=True)
         for name in SHIPPED_DRAFTS:

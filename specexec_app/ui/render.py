@@ -12,6 +12,8 @@ from rich.table import Table
 from specexec_app.config.profile import Profile
 from specexec_app.core.engine import Stats
 
+MEASURED_SHORT = 30  # % below the prediction past which a profile's check is suspect
+
 
 def count(n: int, noun: str, plural: str | None = None) -> str:
     """'1 token', '2 tokens'; '1 pass', '2 passes'."""
@@ -96,3 +98,7 @@ def show_profile(out: Console, p: Profile) -> None:
     out.print(f"predicted {pred:.2f} tok/s, measured {meas:.2f} tok/s on other prompts "
               f"({gap:+.0f} %, {p.measured_accepted_per_pass:.2f} accepted/pass)", soft_wrap=True,
               markup=False)
+    if gap < -MEASURED_SHORT:
+        out.print(f"warning: the check ran {-gap:.0f} % below the prediction; something else was "
+                  "likely using the machine while it ran. Run `specexec profile` again when it is "
+                  "idle.", soft_wrap=True, markup=False, style="yellow")
