@@ -12,10 +12,10 @@ Decode tokens/s leaves the prompt's prefill out for every system: specexec's own
 after the first pass), transformers' generate timed to `--new` tokens minus its time to one
 token, llama.cpp's own eval counters (`llama_perf_context`: its decode time, no Python).
 
-The three rows that the goals compare (specexec one token a pass, specexec with the default
-drafter, llama.cpp) run interleaved: prompt by prompt, each system in turn (the order rotating),
-for `--rounds` rounds, so that a virtual machine whose speed drifts by 20-30 % within minutes
-(ours does) moves all three alike. The other rows run once, after them.
+The rows on the packed kernels (one token a pass and the default drafter, each with float64 and
+float32 attention) and llama.cpp run interleaved: prompt by prompt, each system in turn (the
+order rotating), for `--rounds` rounds, so that a virtual machine whose speed drifts by 20-30 %
+within minutes (ours does) moves them all alike. The other rows run once, after them.
 
     python benchmarks/cpu_decode.py [--prompts 6] [--new 128] [--rounds 3] [--threads 2] [--json out.json]
 """
@@ -147,7 +147,6 @@ def main() -> None:
     pipe = build(config.load)
     texts = [p for _, p in bench_prompts(CATEGORIES)][: args.prompts]
     prompts = [pipe.encode(t) for t in texts]
-    results = {}
     default = config.decode.budget
     print(f"{len(prompts)} Spec-Bench prompts, {args.new} new tokens, greedy, {args.threads} threads")
 

@@ -26,7 +26,7 @@ from specexec_app.errors import UserError
 from specexec_app.files import write_atomic
 from specexec_app.loading.session import Pipeline
 
-from .render import stats_line, total
+from .render import stats_line, total, what_runs
 
 PROMPT = ">>> "
 MORE = "... "
@@ -280,9 +280,7 @@ class ChatREPL:
 
     # ---- the loop ----------------------------------------------------------------------
     def welcome(self) -> None:
-        pipe = self.pipe
-        self.say(f"{pipe.target_name} with draft {pipe.draft_name}, budget {self.settings.budget}, "
-                 f"{pipe.placement_text()}" + (" (tuned by your profile)" if self.tuned else ""))
+        self.say(what_runs(self.pipe, self.settings.budget, self.tuned))
         if self.tip:
             self.say("tip: `specexec profile` tunes the budget and placement to this machine", "dim")
         self.say("/help for commands, /bye or Ctrl+D to leave, Ctrl+C stops a reply", "dim")

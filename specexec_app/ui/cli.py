@@ -174,7 +174,7 @@ def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it fro
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
     from specexec_app.core.engine import Stats
     from specexec_app.files import check_writable, write_atomic
-    from .render import stats_line
+    from .render import stats_line, what_runs
 
     with friendly_errors():
         prompt = read_prompt(prompt)
@@ -188,9 +188,8 @@ def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it fro
         config, profile = resolve_config(opts)
         pipe = load(config)
         if stats:  # what ran, as chat's first line says it
-            err.print(f"{pipe.target_name} with draft {pipe.draft_name}, budget {config.decode.budget}, "
-                      f"{pipe.placement_text()}" + (" (tuned by your profile)" if config.from_profile else ""),
-                      soft_wrap=True, markup=False)
+            err.print(what_runs(pipe, config.decode.budget, config.from_profile), soft_wrap=True,
+                      markup=False)
         elif pipe.target.placement is not None:
             err.print(f"target: {pipe.placement_text()}", soft_wrap=True, markup=False)
         if profile is None and err.is_terminal:

@@ -15,6 +15,12 @@ from specexec_app.core.engine import Stats
 MEASURED_SHORT = 30  # % below the prediction past which a profile's check is suspect
 
 
+def what_runs(pipe, budget: int, tuned: bool) -> str:
+    """The line that names what answers: target, draft, budget and placement."""
+    return (f"{pipe.target_name} with draft {pipe.draft_name}, budget {budget}, "
+            f"{pipe.placement_text()}" + (" (tuned by your profile)" if tuned else ""))
+
+
 def count(n: int, noun: str, plural: str | None = None) -> str:
     """'1 token', '2 tokens'; '1 pass', '2 passes'."""
     return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + ('es' if noun.endswith('s') else 's')}"
