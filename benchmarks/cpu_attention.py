@@ -1,5 +1,6 @@
-"""What exact attention costs on a CPU: the lean forward's attention (offload/cpu_forward.py) in
-float64 over the float32 cache, against float32, for one query row and SmolLM2-135M's heads
+"""What exact attention cost on a CPU: one query row's attention in float64 over the float32
+cache (how the lean forward, offload/cpu_forward.py, attended every row before its rows attended
+alone; now only a prompt's rows attend in float64), against float32, for SmolLM2-135M's heads
 (9 query heads, 3 key/value heads, head_dim 64), at a few context lengths; microseconds a layer.
 
     python benchmarks/cpu_attention.py

@@ -1,8 +1,6 @@
 """The default model's decode speed on this CPU, side by side in one run (issue: the CPU as a
 compute device): specexec on the packed kernels one token per pass, specexec with the default
-drafter (what `specexec run` does), both again with float32 attention (the lean forward's
-attention is float64 for schedule-invariant greedy output; this measures its cost), specexec on
-the float32 weights (`--quant 16`, the path
+drafter (what `specexec run` does), specexec on the float32 weights (`--quant 16`, the path
 before the kernels), transformers' `generate` on the same GGUF (dequantized to float32 by
 transformers), and llama.cpp on the same GGUF file (when `llama_cpp` imports: `pip install
 llama-cpp-python` builds it). Greedy, the same chat-templated token ids for all, Spec-Bench
@@ -12,8 +10,8 @@ Decode tokens/s leaves the prompt's prefill out for every system: specexec's own
 after the first pass), transformers' generate timed to `--new` tokens minus its time to one
 token, llama.cpp's own eval counters (`llama_perf_context`: its decode time, no Python).
 
-The rows on the packed kernels (one token a pass and the default drafter, each with float64 and
-float32 attention) and llama.cpp run interleaved: prompt by prompt, each system in turn (the
+The rows on the packed kernels (one token a pass and the default drafter) and llama.cpp run
+interleaved: prompt by prompt, each system in turn (the
 order rotating), for `--rounds` rounds, so that a virtual machine whose speed drifts by 20-30 %
 within minutes (ours does) moves them all alike. The other rows run once, after them.
 
@@ -150,22 +148,14 @@ def main() -> None:
     default = config.decode.budget
     print(f"{len(prompts)} Spec-Bench prompts, {args.new} new tokens, greedy, {args.threads} threads")
 
-    import offload.cpu_forward as lean
-    from specexec_app.core.kvcache import TokenCache
-
     none, ngram = NgramDrafter(min_ngram=10**6), pipe.drafter  # none proposes: one token a pass
     specexec_rate(pipe, none, prompts[:1], 8, 1)  # warm-up
     llm = llama_model(smollm2_gguf(), args.threads)
-    # name -> (attention dtype of the lean forward, drafter, budget) or None for llama.cpp. The
-    # float32-attention rows measure what exactness costs (before: faster, but greedy output
-    # moved with the draft at bf16 near-ties; offload/cpu_forward.py).
+    # name -> (drafter, budget) or None for llama.cpp
     systems = {
-        "specexec, packed kernels, one token per pass": (torch.float64, none, 1),
+        "specexec, packed kernels, one token per pass": (none, 1),
         f"specexec, packed kernels, default drafter ({config.load.draft}, budget {default})":
-            (torch.float64, ngram, default),
-        "  the same, float32 attention, one token per pass": (torch.float32, none, 1),
-        f"  the same, float32 attention, default drafter (budget {default})":
-            (torch.float32, ngram, default)}
+            (ngram, default)}
     if llm is None:
         print("llama.cpp left out: llama_cpp does not import (`pip install llama-cpp-python` builds it)")
     else:
@@ -183,14 +173,11 @@ def main() -> None:
                 if spec is None:
                     llama_one(llm, ids, args.new, tallies[name], i)
                     continue
-                if lean.ATTENTION_DTYPE != spec[0]:  # entries cached under the other arithmetic go
-                    lean.ATTENTION_DTYPE, pipe.target.kv = spec[0], TokenCache(pipe.target.kv.limit)
-                specexec_one(pipe, spec[1], ids, args.new, spec[2], tallies[name], i)
+                specexec_one(pipe, spec[0], ids, args.new, spec[1], tallies[name], i)
         print(f"round {r + 1} of {args.rounds} done", flush=True)
     results = {name: t.result() for name, t in tallies.items()}
     llama = results.pop(names[-1]) if llm is not None else None
     del llm
-    lean.ATTENTION_DTYPE = torch.float64
     del pipe
     dense = build(config.load.__class__(**{**config.load.__dict__, "quant": 16}))
     results["specexec, float32 weights (--quant 16), one token per pass"] = \

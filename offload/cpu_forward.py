@@ -8,20 +8,30 @@ the model's own rotary module, SDPA with the key/value heads shared, SiLU MLP) i
 over per-layer tensors gathered once: on SmolLM2-135M, 2 cores, a one-token pass took 6.3 ms
 instead of 8.7 ms (docs/BENCHMARKS.md, run 2).
 
-Attention is computed in float64 (over the float32 keys and values of the cache). The kernels
-take bf16 inputs, so a difference in the last float32 bit of a layer's attention (SDPA over a
-tree's rows and over one row sums in different orders: ~2e-7) can round a bf16 input the other
-way, and over 30 layers move the logits by 0.1-0.4: with float32 attention, greedy output changed
-with the draft, the budget and the threads (10 of 24 replies on Spec-Bench prompts, 48 tokens,
-n-gram 4/16 and the distilled draft 8). In float64 the schedules differ by ~1e-16, which the
-rounding to float32 absorbs but about once in 1e9 values: 0 of 24. It costs ~13 % of a one-token
-pass at Spec-Bench contexts (SmolLM2-135M, 2 cores; docs/BENCHMARKS.md), growing with the
-context (converting each layer's keys and values); a float64 cache cost twice that, as reading
-the cache bounds that part of the pass.
+Exactness. The kernels take bf16 inputs, so a difference in the last float32 bit of a layer's
+attention can round a bf16 input the other way and, over 30 layers, move the logits by 0.1-0.4;
+and SDPA over a tree's rows under a mask sums in another order than SDPA over one row (~2e-7):
+with that, greedy output changed with the draft, the budget and the threads (10 of 24 replies
+on Spec-Bench prompts). So:
+- a tree's rows attend alone (`rows_alone`, core.lm.ROWS_ALONE): each is one float32 SDPA call
+  of one query row over exactly the keys it sees, in cache order and laid out as a one-token
+  pass has them, no mask: the call a one-token pass makes at that position, so the same bits.
+  A node whose ancestors are not the rows before it has them copied into the cache's places
+  after the prefix for its call (the tree's own entries are put back after);
+- so do a reply's own tokens (the token a pass drew, pending in the next pass);
+- a prompt's tokens attend together under the causal mask, in float64, where schedules differ
+  by ~1e-16, which the rounding to float32 absorbs but about once in 1e9 values: the engine
+  cuts a prompt into calls alike with a tree on top or without, and a prompt resent with its
+  start cached (a reply asked for again) gives the same bits but about as rarely.
+Calls without `rows_alone`, and those through transformers' layers (its `generate`:
+`_exact_sdpa`), attend one row alone in float32 and several together in float64; so generate's
+greedy is the lean forward's. (All of
+attention in float64 cost ~13 % of a one-token pass, converting the cache every layer; every
+row alone, prompts too, made a prefill ~40 % slower.)
 
 It serves the calls the engine makes (`core.lm.run`: ids, positions, a 4-D additive mask or none
-for one row, a cache, `logits_to_keep`); any other call (transformers' `generate`, a call without
-positions) goes to the model's own forward.
+for one row, a cache, `logits_to_keep`, `rows_alone`); any other call (transformers' `generate`,
+a call without positions) goes to the model's own forward.
 """
 
 from __future__ import annotations
@@ -35,14 +45,15 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from specexec_app.core.kvcache import CACHE_ARG, GrowingLayer
+from specexec_app.core.lm import ROWS_ALONE
 
 from .kernels import KERNEL_DTYPE, KernelLinear, KernelSlice
 
 ARCHITECTURES = ("llama", "mistral")
-ATTENTION_DTYPE = torch.float64  # attention's arithmetic (see above); the cache stays float32
+ATTENTION_DTYPE = torch.float64  # the arithmetic of rows that attend together (see above)
 # The arguments of the engine's calls (`core.lm.run`); a call with any other goes to transformers.
 ENGINE_CALL = {"input_ids", "position_ids", "attention_mask", "past_key_values", "cache",
-               "use_cache", "logits_to_keep"}
+               "use_cache", "logits_to_keep", ROWS_ALONE}
 
 
 def _matmul(linear: KernelLinear):
@@ -68,15 +79,27 @@ def _fused(names, parent):
     return shared.linear
 
 
-EXACT_SDPA = "specexec_sdpa_float64"
+EXACT_SDPA = "specexec_sdpa_exact"
 
 
-def _sdpa_float64(module, query, key, value, attention_mask, *args, **kwargs):
-    """transformers' SDPA attention computed in `ATTENTION_DTYPE`, output in the query's dtype:
-    the same schedule invariance as the lean forward for the calls that go through
-    transformers' layers (its `generate`, architectures the lean forward does not take)."""
+def _sees_all(mask: torch.Tensor | None) -> bool:
+    """Whether an attention mask (additive, or True where a key is seen) hides no key."""
+    if mask is None:
+        return True
+    return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
+
+
+def _exact_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' SDPA attention as the lean forward computes it: one query row over keys it
+    all sees in float32 with the SDPA call the lean forward makes; several rows (or a row that
+    does not see every key) in `ATTENTION_DTYPE`, the output in the query's dtype."""
     from specexec_app.core.lm import _attention  # transformers' SDPA, GQA kept on a CPU
 
+    if query.shape[0] == 1 and query.shape[2] == 1 and _sees_all(attention_mask):
+        gqa = key.shape[1] != query.shape[1]
+        out = F.scaled_dot_product_attention(query, key, value, scale=kwargs.get("scaling"),
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.to(ATTENTION_DTYPE)
     out, weights = _attention(module, query.to(ATTENTION_DTYPE), key.to(ATTENTION_DTYPE),
@@ -84,12 +107,12 @@ def _sdpa_float64(module, query, key, value, attention_mask, *args, **kwargs):
     return out.to(query.dtype), weights
 
 
-AttentionInterface.register(EXACT_SDPA, _sdpa_float64)
+AttentionInterface.register(EXACT_SDPA, _exact_sdpa)
 AttentionMaskInterface.register(EXACT_SDPA, sdpa_mask)
 
 
 def install(model) -> bool:
-    """Attention in float64 for `model` (a causal LM on the CPU whose matrices are in the
+    """Exact attention (`_exact_sdpa`) for `model` (a causal LM on the CPU whose matrices are in the
     kernels' form) where it uses SDPA; and the lean forward when every decoder layer is a Llama
     layer with its q/k/v and gate/up fused and no bias. Returns whether the lean forward is in."""
     config = model.config
@@ -129,26 +152,69 @@ def install(model) -> bool:
         if not lean:  # the call as it came, to transformers' layers
             return original(*args, **kwargs)
         return _forward(self, layers, heads, kv_heads, head_dim, config.intermediate_size, ids,
-                        pos, mask, cache, kwargs.get("logits_to_keep", 0))
+                        pos, mask, cache, kwargs.get("logits_to_keep", 0), kwargs.get(ROWS_ALONE))
 
     model.forward = types.MethodType(forward, model)
+    setattr(model, ROWS_ALONE, True)
     return True
 
 
-def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, cache, keep):
-    """The arithmetic of transformers' layers (with `_sdpa_float64`) bit for bit, in fewer ops:
+def _alone_plan(mask: torch.Tensor | None, n: int, first: int) -> list[tuple[int, int, torch.Tensor | None]]:
+    """For rows `first` .. n - 1 of a call of `n` rows under `mask` [1, 1, n, past + n] (None:
+    one row that sees everything), which attend alone: per row, (row, how many of the call's
+    rows it sees, their indices, or None where they are rows 0 .. that many - 1, in place after
+    the prefix already). Rows in place come first."""
+    if mask is None:
+        return [(0, 1, None)]
+    seen = (mask[0, 0, first:, -n:] == 0).tolist()
+    plan = []
+    for j, row in enumerate(seen, first):
+        rows = [r for r, s in enumerate(row) if s]
+        if not rows or rows[-1] != j:
+            raise ValueError("a row of a tree pass must see itself and no later row")
+        place = rows == list(range(len(rows)))
+        plan.append((j, len(rows), None if place else torch.tensor(rows)))
+    return sorted(plan, key=lambda p: p[2] is not None)
+
+
+def _attend_alone(q, k, v, plan, o_heads, scale, gqa) -> None:
+    """Each row of q [1, heads, n, d] by itself over the keys it sees (`_alone_plan`), into
+    o_heads [heads, n, d]. k and v [1, kv_heads, past + n, d] are the cache's own entries: a row
+    whose keys are not in place has them copied there for its call; the tree's are put back."""
+    past = k.shape[-2] - q.shape[-2]
+    saved = None
+    for j, d, rows in plan:
+        if rows is not None:
+            if saved is None:
+                saved = k[..., past:, :].clone(), v[..., past:, :].clone()
+            k[..., past:past + d, :] = saved[0][..., rows, :]
+            v[..., past:past + d, :] = saved[1][..., rows, :]
+        o_heads[:, j:j + 1].copy_(F.scaled_dot_product_attention(
+            q[:, :, j:j + 1], k[..., :past + d, :], v[..., :past + d, :], scale=scale,
+            enable_gqa=gqa)[0])
+    if saved is not None:
+        k[..., past:, :], v[..., past:, :] = saved
+
+
+def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, cache, keep, alone):
+    """The arithmetic of transformers' layers (with `_exact_sdpa`) bit for bit, in fewer ops:
     the residual stream [n, hidden] updated in place, RMSNorm as torch's own (the same
     arithmetic in one call) written into the kernels' bf16 input, q and k rotated together with
     rotate_half's sign moved onto the sine ((-a) * b == a * (-b) exactly), values widened as they
     are written into the cache, attention's output rounded to bf16 as it is laid out for o_proj,
-    and kernel outputs added without a float32 copy."""
+    and kernel outputs added without a float32 copy. Rows from `alone` on attend alone, the rows
+    before together (None: a lone row alone, several together; the module's docstring)."""
     n = ids.shape[1]
     x = model.model.embed_tokens(ids)[0].clone()              # [n, hidden] float32, ours
     hidden, k_end, half = x.shape[-1], (heads + kv_heads) * head_dim, head_dim // 2
     cos, sin = model.model.rotary_emb(x[None], pos)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
-    mask = None if mask is None else mask.to(ATTENTION_DTYPE)
+    together = (n if n > 1 else 0) if alone is None else alone
+    plan = _alone_plan(mask, n, together) if together < n else None
+    if together and mask is not None:  # those rows' mask over the keys up to them, for float64
+        mask = mask[..., :together, :mask.shape[-1] - n + together].to(ATTENTION_DTYPE)
+    gqa = kv_heads != heads
     a = torch.empty_like(x, dtype=KERNEL_DTYPE)               # the matmuls' bf16 inputs
     m = torch.empty(n, inter, dtype=KERNEL_DTYPE)
     o = torch.empty(n, heads, head_dim, dtype=KERNEL_DTYPE)   # attention's output, o_proj's input
@@ -162,9 +228,14 @@ def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, ca
         v = y[:, k_end:].view(1, n, kv_heads, head_dim).transpose(1, 2)
         layer = cache.layers[i] if i < len(cache.layers) else None
         k, v = cache.update(qk[:, heads:], v if isinstance(layer, GrowingLayer) else v.float(), i)
-        o_heads.copy_(F.scaled_dot_product_attention(
-            qk[:, :heads].to(ATTENTION_DTYPE), k.to(ATTENTION_DTYPE), v.to(ATTENTION_DTYPE),
-            attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads)[0])
+        if together:
+            end = k.shape[-2] - n + together
+            o_heads[:, :together].copy_(F.scaled_dot_product_attention(
+                qk[:, :heads, :together].to(ATTENTION_DTYPE), k[..., :end, :].to(ATTENTION_DTYPE),
+                v[..., :end, :].to(ATTENTION_DTYPE), attn_mask=mask, scale=scale,
+                enable_gqa=gqa)[0])
+        if plan:
+            _attend_alone(qk[:, :heads], k, v, plan, o_heads, scale, gqa)
         x.add_(out(o_rows))
         a.copy_(F.rms_norm(x, (hidden,), w2, eps2))
         g, u = gate_up(a).split(inter, -1)

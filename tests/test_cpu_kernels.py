@@ -228,8 +228,8 @@ def test_greedy_specexec_on_the_kernels_is_their_own_greedy(kernel_model, tokeni
                                                              draft, budget, threads):
     """Exactness against the target as it computes, token for token, no near-tie allowed:
     greedy SpecExec over the kernel model gives the kernel model's own one-token-per-pass greedy
-    reply, whatever the draft, the budget and the threads (float64 attention,
-    offload/cpu_forward.py; with float32 attention these replies differed)."""
+    reply, whatever the draft, the budget and the threads (a tree's rows attend alone,
+    offload/cpu_forward.py; attending together under the tree's mask, one of these differed)."""
     from drafts import ModelDrafter, NgramDrafter
     from drafts.distilled import load_draft
     from specexec_app.loading.sources import SHIPPED_DRAFTS
@@ -257,14 +257,13 @@ def test_greedy_specexec_on_the_kernels_is_their_own_greedy(kernel_model, tokeni
 
 
 def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_ids):
-    """The engine's calls (positions, a tree mask or none for one row, a cache) go through the
+    """The engine's calls (positions, a causal mask or none for one row, a cache) go through the
     lean forward (offload/cpu_forward.py), any other call through transformers' layers; both give
-    the same logits, bit for bit, over a prompt with a tree on top and then one row on the cache
-    it left."""
-    from specexec_app.core.kvcache import CACHE_ARG, TokenCache, truncate
+    the same logits, bit for bit (a prompt's rows attend together in float64, one row alone in
+    float32, on both paths), over a prompt and then one row on the cache it left."""
+    from specexec_app.core.kvcache import CACHE_ARG, TokenCache
     from specexec_app.core.lm import mask_dtype
     from specexec_app.core.tree import Tree, tree_inputs
-    from test_offload import tree_batch
 
     assert "forward" in vars(kernel_model)  # installed on the instance
     ids = chat_ids("Name the planets of the solar system in order.")
@@ -272,18 +271,68 @@ def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_id
     for force_layers, out in ((False, got), (True, want)):
         kv = TokenCache()
         extra = {"return_dict": True} if force_layers else {}
-        for pending, tree, past in ((ids, tree_batch(), 0), ([ids[-1]], Tree(), len(ids))):
-            if past:
-                truncate(kv.cache, past)  # keep the prompt only: one row on top of it
-            x, pos, mask = tree_inputs(pending, tree, past, mask_dtype(kernel_model), torch.device("cpu"))
-            assert (mask is None) == (len(pending) + len(tree) == 1)
+        for pending, past in ((ids[:-1], 0), (ids[-1:], len(ids) - 1)):
+            x, pos, mask = tree_inputs(pending, Tree(), past, mask_dtype(kernel_model),
+                                       torch.device("cpu"))
+            assert (mask is None) == (len(pending) == 1)
             with torch.inference_mode():
                 logits = kernel_model(input_ids=x, position_ids=pos, attention_mask=mask,
                                       use_cache=True, **{CACHE_ARG: kv.cache},
-                                      logits_to_keep=len(tree) + 1, **extra).logits[0].float()
+                                      logits_to_keep=1, **extra).logits[0].float()
             out.append(logits)
-    for g, w in zip(got, want):  # the same arithmetic, attention in float64 on both paths
+    for g, w in zip(got, want):
         assert g.shape == w.shape and torch.equal(g, w), (g - w).abs().max()
+
+
+def test_a_tree_pass_computes_what_one_token_passes_compute(kernel_model, chat_ids):
+    """The promise behind greedy exactness on a CPU, checked bit for bit: the logits a tree pass
+    gives at each node are those that a reply's one-token passes down that node's path give (the
+    prompt's rows attend together in both, the tree's and the reply's alone), under other
+    thread counts too, for nodes whose ancestors are the rows before them and for nodes whose
+    are not (copied into place for their call); and after a commit of a path of the second kind
+    the next one-token pass still gives what it gives after one-token passes down that path.
+    (With the rows attending together under the tree's mask, SDPA sums in another order: the
+    bits differ and this test fails.)"""
+    from specexec_app.core.lm import Target
+    from specexec_app.core.tree import Tree
+    from test_offload import tree_batch
+
+    ids = chat_ids("Write a haiku about the sea.")
+    tree = tree_batch()  # rows: root, 100, 100-200, 300, 100-200-400, 100-500
+    before = torch.get_num_threads()
+
+    def one_token(path: list[int]) -> list[torch.Tensor]:
+        """Logits after the prompt and after each token of `path`, one token a pass."""
+        target = Target(kernel_model)
+        out = []
+        for i in range(len(path) + 1):
+            out.append(target.verify(ids + path[:i], Tree(), reply_from=len(ids))[0].float())
+            target.commit(Tree(), [])
+        return out
+
+    def path_to(node: int) -> list[int]:
+        nodes = []
+        while node >= 0:
+            nodes.append(node)
+            node = tree.parents[node]
+        return nodes[::-1]
+
+    try:
+        torch.set_num_threads(1)
+        target = Target(kernel_model)
+        got = target.verify(ids, tree, reply_from=len(ids)).float()
+        torch.set_num_threads(2)
+        assert torch.equal(got[0], one_token([])[0])
+        for node in range(len(tree)):
+            tokens = [tree.tokens[n] for n in path_to(node)]
+            assert torch.equal(got[1 + node], one_token(tokens)[-1]), (node, tokens)
+        path = path_to(3)  # 100-200-400: 400 is not right after 200 in the pass
+        target.commit(tree, path)
+        tokens = [tree.tokens[n] for n in path]
+        after = target.verify(ids + tokens + [7], Tree(), reply_from=len(ids))[0].float()
+        assert torch.equal(after, one_token(tokens + [7])[-1])
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("kind", ["self-int8", "self-nf4"])

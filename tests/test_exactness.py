@@ -201,11 +201,11 @@ class OutOfMemoryAbove(Target):
         super().__init__(model)
         self.limit = limit
 
-    def verify(self, tokens, tree):
+    def verify(self, tokens, tree, reply_from=None):
         if len(tree) > self.limit:
             self.kv.sync(tokens)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return super().verify(tokens, tree)
+        return super().verify(tokens, tree, reply_from)
 
 
 def test_out_of_memory_shrinks_the_budget_and_stays_exact(model, tokenizer, chat_ids):

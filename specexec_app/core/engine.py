@@ -222,7 +222,7 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
                 tree = tree.within_depth(min(room_new, room_ctx, target.rope_room(len(tokens))) - 1)
                 clock.mark()
                 ahead.start(tokens, tree, budget, target.context_length)
-                logits = target.verify(tokens, tree)
+                logits = target.verify(tokens, tree, reply_from=len(prompt_ids))
             except torch.OutOfMemoryError:
                 budget, message = _shrink(budget, tree, target.device)
                 clock.laps()

@@ -71,14 +71,21 @@ def model_device(model) -> torch.device:
 
 
 PREFILL_CHUNK = 2048  # most rows of one pass over pending tokens (a long prompt goes in chunks)
+# The attribute of a model whose forward takes `rows_alone=s` (offload.cpu_forward's lean
+# forward): the rows from s on attend alone, each as a one-row pass would, over exactly the keys
+# it sees; the rows before s (a prompt's tokens) attend together. A tree's rows, and a reply's
+# own tokens, then compute what one-token passes compute, bit for bit.
+ROWS_ALONE = "rows_alone"
 
 
-def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree,
-                 streamer=None, where: tuple[torch.device, torch.dtype] | None = None) -> torch.Tensor:
+def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree, streamer=None,
+                 where: tuple[torch.device, torch.dtype] | None = None,
+                 reply_from: int | None = None) -> torch.Tensor:
     """One pass over `pending` tokens then `tree` on top of `kv`; the new entries are appended to
     the cache (pending first, then nodes in order) and `kv.tokens` is left unchanged. A long run
     of pending tokens (a prompt) first goes through in chunks, so that no pass computes more than
-    max(PREFILL_CHUNK, 1 + len(tree)) rows: the activations and the mask of an 8k-token prompt
+    max(PREFILL_CHUNK, 1 + len(tree)) rows (PREFILL_CHUNK + len(tree) for a model that attends
+    rows alone, below): the activations and the mask of an 8k-token prompt
     would otherwise take gigabytes of GPU memory that the placement has given to layers.
 
     Returns logits [1 + len(tree), V] in the model's dtype (rows are made float32 one at a time
@@ -88,21 +95,32 @@ def forward_tree(model, kv: TokenCache, pending: list[int], tree: Tree,
     layer by layer (`_prefill_layer_major`): its layers are streamed once, not once a chunk.
     `where`: the model's device and mask dtype, if the caller knows them (finding them takes a
     walk over the model's parameters, ~40 us a pass).
+
+    A model that attends rows alone (ROWS_ALONE) gets its pending tokens in chunks cut by
+    PREFILL_CHUNK whatever the tree; the tree's rows attend alone, and so do pending tokens at
+    positions from `reply_from` on (a reply's own tokens; None: none of them), the others (a
+    prompt's) together. A prompt is then computed alike with a tree on top or without, and each
+    node and each token of a reply as a one-token pass computes it.
     """
     where = where or (model_device(model), mask_dtype(model))
-    rows, done, spans = max(PREFILL_CHUNK, len(tree) + 1), 0, []
-    while len(pending) - done > 1 and len(pending) - done + len(tree) > rows:
-        n = min(rows, len(pending) - done - 1)
-        spans.append((done, done + n))
-        done += n
+    alone = getattr(model, ROWS_ALONE, False)
+    if alone:
+        done = (len(pending) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+        spans = [(a, a + PREFILL_CHUNK) for a in range(0, done, PREFILL_CHUNK)]
+    else:
+        rows, done, spans = max(PREFILL_CHUNK, len(tree) + 1), 0, []
+        while len(pending) - done > 1 and len(pending) - done + len(tree) > rows:
+            n = min(rows, len(pending) - done - 1)
+            spans.append((done, done + n))
+            done += n
     if len(spans) > 1 and streamer is not None and streamer.streaming and \
             model.config.model_type in LAYER_MAJOR:
         with streamer.layer_major():
             _prefill_layer_major(model, kv, len(kv.tokens), pending, spans)
     else:
         for a, b in spans:
-            _forward(model, kv, len(kv.tokens) + a, pending[a:b], Tree(), where)
-    return _forward(model, kv, len(kv.tokens) + done, pending[done:], tree, where)
+            _forward(model, kv, len(kv.tokens) + a, pending[a:b], Tree(), where, alone, reply_from)
+    return _forward(model, kv, len(kv.tokens) + done, pending[done:], tree, where, alone, reply_from)
 
 
 # Decoder stacks whose forward is: embed, rotary embedding, the layers over one mask, norm
@@ -139,21 +157,28 @@ def mask_dtype(model) -> torch.dtype:
 
 
 def run(model, kv: TokenCache, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-        rows: int) -> torch.Tensor:
+        rows: int, alone: int | None = None) -> torch.Tensor:
     """One forward of `model`: input_ids and position_ids [1, q] and an additive mask
     [1, 1, q, cached + q] (None: every row sees every key) on top of `kv`'s cache, whose new
-    entries are appended. Returns the logits [rows, V] of the last `rows` rows."""
+    entries are appended. Returns the logits [rows, V] of the last `rows` rows. `alone`: the
+    first row that attends alone (only for a model that has ROWS_ALONE)."""
+    extra = {ROWS_ALONE: alone} if alone is not None else {}
     with torch.inference_mode():
         out = model(input_ids=ids, position_ids=pos, attention_mask=mask,
-                    use_cache=True, logits_to_keep=rows, **{CACHE_ARG: kv.cache})
+                    use_cache=True, logits_to_keep=rows, **{CACHE_ARG: kv.cache}, **extra)
     return out.logits[0]
 
 
 def _forward(model, kv: TokenCache, past: int, pending: list[int], tree: Tree,
-             where: tuple[torch.device, torch.dtype]) -> torch.Tensor:
-    """`pending` then `tree` on top of the `past` entries that `kv`'s cache holds."""
+             where: tuple[torch.device, torch.dtype], alone: bool = False,
+             reply_from: int | None = None) -> torch.Tensor:
+    """`pending` then `tree` on top of the `past` entries that `kv`'s cache holds (`alone`:
+    the tree's rows attend alone, and the pending tokens from position `reply_from` on)."""
     ids, pos, mask = tree_inputs(pending, tree, past, where[1], where[0])
-    return run(model, kv, ids, pos, mask, len(tree) + 1)
+    first = None
+    if alone:
+        first = len(pending) if reply_from is None else max(0, min(len(pending), reply_from - past))
+    return run(model, kv, ids, pos, mask, len(tree) + 1, first)
 
 
 DEFAULT_CONTEXT = 8192  # tokens of a conversation when the user names none (the KV cache's room)
@@ -262,8 +287,10 @@ class Target:
             return self.context_length
         return self.rope_switch - n + 1
 
-    def verify(self, tokens: list[int], tree: Tree) -> torch.Tensor:
-        """Target logits [1 + len(tree), V] at the root (last of `tokens`) and at every node."""
+    def verify(self, tokens: list[int], tree: Tree, reply_from: int | None = None) -> torch.Tensor:
+        """Target logits [1 + len(tree), V] at the root (last of `tokens`) and at every node.
+        `reply_from`: where the reply's own tokens start in `tokens` (None: all are a prompt's),
+        for a model that computes them as one-token passes do (`forward_tree`)."""
         if self._rope is not None:
             long = len(tokens) > self.rope_switch
             if long != self._long:  # the sequence crossed the switch: every entry again
@@ -271,7 +298,8 @@ class Target:
                 self._long = long
             self._rope.long = long  # (a draft sharing the model may have set it since)
         self._pending = self.kv.sync(tokens)
-        return forward_tree(self.model, self.kv, self._pending, tree, self.streamer, self._where)
+        return forward_tree(self.model, self.kv, self._pending, tree, self.streamer, self._where,
+                            reply_from)
 
     def commit(self, tree: Tree, path: list[int]) -> None:
         """Keep the pending tokens and the accepted `path` nodes of the last `verify`."""
