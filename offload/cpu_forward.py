@@ -179,7 +179,7 @@ def _alone_plan(mask: torch.Tensor | None, n: int, first: int) -> list[tuple[int
 
 def _attend_alone(q, k, v, plan, o_heads, scale, gqa) -> None:
     """Each row of q [1, heads, n, d] by itself over the keys it sees (`_alone_plan`), into
-    o_heads [heads, n, d]. k and v [1, kv_heads, past + n, d] are the cache's own entries: a row
+    o_heads [1, heads, n, d]. k and v [1, kv_heads, past + n, d] are the cache's own entries: a row
     whose keys are not in place has them copied there for its call; the tree's are put back."""
     past = k.shape[-2] - q.shape[-2]
     saved = None
@@ -189,9 +189,9 @@ def _attend_alone(q, k, v, plan, o_heads, scale, gqa) -> None:
                 saved = k[..., past:, :].clone(), v[..., past:, :].clone()
             k[..., past:past + d, :] = saved[0][..., rows, :]
             v[..., past:past + d, :] = saved[1][..., rows, :]
-        o_heads[:, j:j + 1].copy_(F.scaled_dot_product_attention(
+        o_heads[:, :, j:j + 1].copy_(F.scaled_dot_product_attention(
             q[:, :, j:j + 1], k[..., :past + d, :], v[..., :past + d, :], scale=scale,
-            enable_gqa=gqa)[0])
+            enable_gqa=gqa))
     if saved is not None:
         k[..., past:, :], v[..., past:, :] = saved
 
@@ -218,27 +218,31 @@ def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, ca
     a = torch.empty_like(x, dtype=KERNEL_DTYPE)               # the matmuls' bf16 inputs
     m = torch.empty(n, inter, dtype=KERNEL_DTYPE)
     o = torch.empty(n, heads, head_dim, dtype=KERNEL_DTYPE)   # attention's output, o_proj's input
-    o_heads, o_rows = o.transpose(0, 1), o.view(n, -1)
+    o_heads, o_rows = o[None].transpose(1, 2), o.view(n, -1)  # [1, heads, n, d], [n, hidden]
 
     for i, (w1, eps1, qkv, out, w2, eps2, gate_up, down, scale) in enumerate(layers):
-        a.copy_(F.rms_norm(x, (hidden,), w1, eps1))
+        a.copy_(torch.rms_norm(x, (hidden,), w1, eps1))
         y = qkv(a)
         t = y[:, :k_end].view(1, n, heads + kv_heads, head_dim).transpose(1, 2)
         qk = t * cos + t.roll(half, -1) * sin
         v = y[:, k_end:].view(1, n, kv_heads, head_dim).transpose(1, 2)
         layer = cache.layers[i] if i < len(cache.layers) else None
-        k, v = cache.update(qk[:, heads:], v if isinstance(layer, GrowingLayer) else v.float(), i)
+        if isinstance(layer, GrowingLayer):  # (transformers' Cache.update only forwards to it)
+            k, v = layer.update(qk[:, heads:], v)
+        else:
+            k, v = cache.update(qk[:, heads:], v.float(), i)
         if together:
             end = k.shape[-2] - n + together
-            o_heads[:, :together].copy_(F.scaled_dot_product_attention(
+            o_heads[:, :, :together].copy_(F.scaled_dot_product_attention(
                 qk[:, :heads, :together].to(ATTENTION_DTYPE), k[..., :end, :].to(ATTENTION_DTYPE),
                 v[..., :end, :].to(ATTENTION_DTYPE), attn_mask=mask, scale=scale,
-                enable_gqa=gqa)[0])
+                enable_gqa=gqa))
         if plan:
             _attend_alone(qk[:, :heads], k, v, plan, o_heads, scale, gqa)
         x.add_(out(o_rows))
-        a.copy_(F.rms_norm(x, (hidden,), w2, eps2))
-        g, u = gate_up(a).split(inter, -1)
-        x.add_(down(torch.mul(F.silu(g.float()), u, out=m)))
+        a.copy_(torch.rms_norm(x, (hidden,), w2, eps2))
+        gu = gate_up(a)
+        g = F.silu(gu[:, :inter].float(), inplace=True)
+        x.add_(down(torch.mul(g, gu[:, inter:], out=m)))
     x = model.model.norm(x[None, -keep:] if keep else x[None])
     return CausalLMOutputWithPast(logits=model.lm_head(x), **{CACHE_ARG: cache})
