@@ -149,7 +149,8 @@ def install(model) -> bool:
         lean = (not args and set(kwargs) <= ENGINE_CALL and ids is not None and pos is not None
                 and ids.shape[0] == 1 and isinstance(cache, DynamicCache)
                 and (mask.dim() == 4 if mask is not None else ids.shape[1] == 1))
-        if not lean:  # the call as it came, to transformers' layers
+        if not lean:  # the call as it came, to transformers' layers (which attend as
+            kwargs.pop(ROWS_ALONE, None)  # `_exact_sdpa` does, whatever the rows)
             return original(*args, **kwargs)
         return _forward(self, layers, heads, kv_heads, head_dim, config.intermediate_size, ids,
                         pos, mask, cache, kwargs.get("logits_to_keep", 0), kwargs.get(ROWS_ALONE))

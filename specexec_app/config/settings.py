@@ -23,6 +23,15 @@ def check_device(name: str) -> str:
     return name
 
 
+def device_kind(name: str) -> str:
+    """"cuda" or "cpu": where `--device name` (checked) computes; auto means CUDA where available."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if name.startswith("cuda") else "cpu"
+
+
 def check_threads(threads: int) -> None:
     """CPU threads for the model's math: at least 1, at most twice the machine's (more only slow
     it down)."""
@@ -108,12 +117,8 @@ def resolve(given: dict, choice=None, preset_of=None) -> RunConfig:
     name = given.get("target") or (choice.target if choice else None) or "default"
     preset = preset_of(name)
     device = check_device(given.get("device") or "auto")
-    if preset:  # the budget for where the target will compute (--device auto: a GPU if any)
-        import torch
-
-        on = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) \
-            else "cpu"
-        preset_values = {"draft": preset.draft, "budget": preset.budget_on(on)}
+    if preset:  # the budget for where the target will compute
+        preset_values = {"draft": preset.draft, "budget": preset.budget_on(device_kind(device))}
     else:
         preset_values = {}
 

@@ -21,7 +21,7 @@ from specexec_app.loading.checkpoint import check_checkpoint
 from specexec_app.loading.hf import (check_same_tokenizer, draft_gpu_bytes, load_model,
                                      load_tokenizer, stop_ids)
 from specexec_app.loading.sources import Status, _quiet, resolve
-from specexec_app.config.settings import DecodeSettings, LoadSpec, check_device
+from specexec_app.config.settings import DecodeSettings, LoadSpec, check_device, device_kind
 from specexec_app.config.settings import resolve as resolve_settings
 
 SELF_DRAFTS = {"self-int8": "int8", "self-nf4": "nf4"}
@@ -72,7 +72,7 @@ class Pipeline:
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(device_kind(name))
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: no CUDA GPU is available")
