@@ -22,12 +22,18 @@ on Spec-Bench prompts). So:
 - a prompt's tokens attend together under the causal mask, in float64, where schedules differ
   by ~1e-16, which the rounding to float32 absorbs but about once in 1e9 values: the engine
   cuts a prompt into calls alike with a tree on top or without, and a prompt resent with its
-  start cached (a reply asked for again) gives the same bits but about as rarely.
+  start cached (a reply asked for again) gives the same bits but about as rarely;
+- a reply leaves the cache with all its tokens but the last (`engine.generate`), as a reply
+  one token a pass does, whatever the tree's last pass accepted: so a chat's next turn starts
+  from the same cache either way. (A conversation continued in its session and the same
+  conversation loaded afresh are not bit for bit the same computation: the reply's tokens were
+  cached as they were drawn, alone in float32, and are a prompt's, in float64, after a load.)
 Calls without `rows_alone`, and those through transformers' layers (its `generate`:
-`_exact_sdpa`), attend one row alone in float32 and several together in float64; so generate's
-greedy is the lean forward's. (All of
-attention in float64 cost ~13 % of a one-token pass, converting the cache every layer; every
-row alone, prompts too, made a prefill ~40 % slower.)
+`_lean_sdpa`), attend one row alone in float32 and several together in float64; so generate's
+greedy is the lean forward's. A kernel model whose layers the lean forward does not take attends
+in float64 throughout (`_sdpa_float64`). (All of attention in float64 cost ~13 % of a one-token
+pass, converting the cache every layer; every row alone, prompts too, made a prefill ~40 %
+slower.)
 
 It serves the calls the engine makes (`core.lm.run`: ids, positions, a 4-D additive mask or none
 for one row, a cache, `logits_to_keep`, `rows_alone`); any other call (transformers' `generate`,
@@ -79,7 +85,8 @@ def _fused(names, parent):
     return shared.linear
 
 
-EXACT_SDPA = "specexec_sdpa_exact"
+LEAN_SDPA = "specexec_sdpa_lean"        # a model with the lean forward, in calls that bypass it
+FLOAT64_SDPA = "specexec_sdpa_float64"  # a kernel model without it: every row in float64
 
 
 def _sees_all(mask: torch.Tensor | None) -> bool:
@@ -89,17 +96,12 @@ def _sees_all(mask: torch.Tensor | None) -> bool:
     return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
 
 
-def _exact_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
-    """transformers' SDPA attention as the lean forward computes it: one query row over keys it
-    all sees in float32 with the SDPA call the lean forward makes; several rows (or a row that
-    does not see every key) in `ATTENTION_DTYPE`, the output in the query's dtype."""
+def _sdpa_float64(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' SDPA attention computed in `ATTENTION_DTYPE`, output in the query's dtype:
+    a tree's rows together and one row alone then differ by ~1e-16, which the rounding to float32
+    absorbs (for a kernel model whose layers the lean forward does not take)."""
     from specexec_app.core.lm import _attention  # transformers' SDPA, GQA kept on a CPU
 
-    if query.shape[0] == 1 and query.shape[2] == 1 and _sees_all(attention_mask):
-        gqa = key.shape[1] != query.shape[1]
-        out = F.scaled_dot_product_attention(query, key, value, scale=kwargs.get("scaling"),
-                                             enable_gqa=gqa)
-        return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.to(ATTENTION_DTYPE)
     out, weights = _attention(module, query.to(ATTENTION_DTYPE), key.to(ATTENTION_DTYPE),
@@ -107,38 +109,63 @@ def _exact_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
     return out.to(query.dtype), weights
 
 
-AttentionInterface.register(EXACT_SDPA, _exact_sdpa)
-AttentionMaskInterface.register(EXACT_SDPA, sdpa_mask)
+def _lean_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' SDPA attention as the lean forward computes it (for its `generate`): one
+    query row over keys it all sees in float32 with the SDPA call the lean forward makes;
+    several rows (or a row that does not see every key) in float64."""
+    if query.shape[0] == 1 and query.shape[2] == 1 and _sees_all(attention_mask):
+        gqa = key.shape[1] != query.shape[1]
+        out = F.scaled_dot_product_attention(query, key, value, scale=kwargs.get("scaling"),
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+    return _sdpa_float64(module, query, key, value, attention_mask, *args, **kwargs)
 
 
-def install(model) -> bool:
-    """Exact attention (`_exact_sdpa`) for `model` (a causal LM on the CPU whose matrices are in the
-    kernels' form) where it uses SDPA; and the lean forward when every decoder layer is a Llama
-    layer with its q/k/v and gate/up fused and no bias. Returns whether the lean forward is in."""
+for _name, _function in ((LEAN_SDPA, _lean_sdpa), (FLOAT64_SDPA, _sdpa_float64)):
+    AttentionInterface.register(_name, _function)
+    AttentionMaskInterface.register(_name, sdpa_mask)
+
+
+def _lean_layers(model) -> list[tuple] | None:
+    """Per decoder layer, what the lean forward computes with (norm weights and epsilons, the
+    kernel matmuls, the attention scale); None where a layer is not one it takes."""
     config = model.config
-    if not any(isinstance(m, KernelLinear) for m in model.modules()):
-        return False  # float weights: float32 throughout, no bf16 rounding to magnify
-    if getattr(config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(EXACT_SDPA)
     if config.model_type not in ARCHITECTURES or getattr(config, "hidden_act", "silu") != "silu" \
             or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        return False
+        return None
     layers = []
     for layer in model.model.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None:
-            return False
+            return None
         qkv = _fused(("q_proj", "k_proj", "v_proj"), attn)
         gate_up = _fused(("gate_proj", "up_proj"), mlp)
         if qkv is None or gate_up is None or not isinstance(attn.o_proj, KernelLinear) \
                 or not isinstance(mlp.down_proj, KernelLinear):
-            return False
+            return None
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if any(type(n).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm") for n in norms):
-            return False
+            return None
         layers.append((norms[0].weight, norms[0].variance_epsilon, _matmul(qkv), _matmul(attn.o_proj),
                        norms[1].weight, norms[1].variance_epsilon, _matmul(gate_up),
                        _matmul(mlp.down_proj), attn.scaling))
+    return layers
+
+
+def install(model) -> bool:
+    """For `model` (a causal LM on the CPU whose matrices are in the kernels' form): the lean
+    forward when every decoder layer is a Llama layer with its q/k/v and gate/up fused and no
+    bias, and transformers' SDPA attention made exact for the calls that go through its layers
+    (`_lean_sdpa` beside the lean forward, else `_sdpa_float64`). Returns whether the lean
+    forward is in."""
+    config = model.config
+    if not any(isinstance(m, KernelLinear) for m in model.modules()):
+        return False  # float weights: float32 throughout, no bf16 rounding to magnify
+    layers = _lean_layers(model)
+    if getattr(config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(LEAN_SDPA if layers else FLOAT64_SDPA)
+    if not layers:
+        return False
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     original = model.forward
@@ -150,7 +177,7 @@ def install(model) -> bool:
                 and ids.shape[0] == 1 and isinstance(cache, DynamicCache)
                 and (mask.dim() == 4 if mask is not None else ids.shape[1] == 1))
         if not lean:  # the call as it came, to transformers' layers (which attend as
-            kwargs.pop(ROWS_ALONE, None)  # `_exact_sdpa` does, whatever the rows)
+            kwargs.pop(ROWS_ALONE, None)  # `_lean_sdpa` does, whatever the rows)
             return original(*args, **kwargs)
         return _forward(self, layers, heads, kv_heads, head_dim, config.intermediate_size, ids,
                         pos, mask, cache, kwargs.get("logits_to_keep", 0), kwargs.get(ROWS_ALONE))
@@ -160,45 +187,47 @@ def install(model) -> bool:
     return True
 
 
-def _alone_plan(mask: torch.Tensor | None, n: int, first: int) -> list[tuple[int, int, torch.Tensor | None]]:
+def _alone_plan(mask: torch.Tensor | None, n: int, first: int) -> list[tuple[int, int, int, list[int]]]:
     """For rows `first` .. n - 1 of a call of `n` rows under `mask` [1, 1, n, past + n] (None:
     one row that sees everything), which attend alone: per row, (row, how many of the call's
-    rows it sees, their indices, or None where they are rows 0 .. that many - 1, in place after
-    the prefix already). Rows in place come first."""
+    rows it sees, how many of those are rows 0, 1, ... in place after the prefix already, the
+    rows it sees). Rows whose rows are all in place come first."""
     if mask is None:
-        return [(0, 1, None)]
+        return [(0, 1, 1, [0])]
     seen = (mask[0, 0, first:, -n:] == 0).tolist()
     plan = []
     for j, row in enumerate(seen, first):
         rows = [r for r, s in enumerate(row) if s]
         if not rows or rows[-1] != j:
             raise ValueError("a row of a tree pass must see itself and no later row")
-        place = rows == list(range(len(rows)))
-        plan.append((j, len(rows), None if place else torch.tensor(rows)))
-    return sorted(plan, key=lambda p: p[2] is not None)
+        place = next((i for i, r in enumerate(rows) if r != i), len(rows))
+        plan.append((j, len(rows), place, rows))
+    return sorted(plan, key=lambda p: p[2] < p[1])
 
 
 def _attend_alone(q, k, v, plan, o_heads, scale, gqa) -> None:
     """Each row of q [1, heads, n, d] by itself over the keys it sees (`_alone_plan`), into
-    o_heads [1, heads, n, d]. k and v [1, kv_heads, past + n, d] are the cache's own entries: a row
-    whose keys are not in place has them copied there for its call; the tree's are put back."""
+    o_heads [1, heads, n, d]. k and v [1, kv_heads, past + n, d] are the cache's own entries: a
+    row whose keys are not all in place has them copied into place for its call from the first
+    row that is not in place for every such row on (the rows before it, a prompt's pending
+    ones too, never move); the call's own entries are put back after."""
     past = k.shape[-2] - q.shape[-2]
-    saved = None
-    for j, d, rows in plan:
-        if rows is not None:
-            if saved is None:
-                saved = k[..., past:, :].clone(), v[..., past:, :].clone()
-            k[..., past:past + d, :] = saved[0][..., rows, :]
-            v[..., past:past + d, :] = saved[1][..., rows, :]
+    low = min((place for _, d, place, _ in plan if place < d), default=None)
+    saved = None if low is None else (k[..., past + low:, :].clone(), v[..., past + low:, :].clone())
+    for j, d, place, rows in plan:
+        if place < d:
+            at = torch.tensor(rows[low:]) - low
+            k[..., past + low:past + d, :] = saved[0][..., at, :]
+            v[..., past + low:past + d, :] = saved[1][..., at, :]
         o_heads[:, :, j:j + 1].copy_(F.scaled_dot_product_attention(
             q[:, :, j:j + 1], k[..., :past + d, :], v[..., :past + d, :], scale=scale,
             enable_gqa=gqa))
     if saved is not None:
-        k[..., past:, :], v[..., past:, :] = saved
+        k[..., past + low:, :], v[..., past + low:, :] = saved
 
 
 def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, cache, keep, alone):
-    """The arithmetic of transformers' layers (with `_exact_sdpa`) bit for bit, in fewer ops:
+    """The arithmetic of transformers' layers (with `_lean_sdpa`) bit for bit, in fewer ops:
     the residual stream [n, hidden] updated in place, RMSNorm as torch's own (the same
     arithmetic in one call) written into the kernels' bf16 input, q and k rotated together with
     rotate_half's sign moved onto the sine ((-a) * b == a * (-b) exactly), values widened as they

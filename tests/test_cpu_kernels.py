@@ -288,7 +288,7 @@ def test_a_tree_pass_computes_what_one_token_passes_compute(kernel_model, chat_i
     """The promise behind greedy exactness on a CPU, checked bit for bit: the logits a tree pass
     gives at each node are those that a reply's one-token passes down that node's path give (the
     prompt's rows attend together in both, the tree's and the reply's alone), under other
-    thread counts too, for nodes whose ancestors are the rows before them and for nodes whose
+    thread counts and over cache buffers of other sizes too, for nodes whose ancestors are the rows before them and for nodes whose
     are not (copied into place for their call); and after a commit of a path of the second kind
     the next one-token pass still gives what it gives after one-token passes down that path.
     (With the rows attending together under the tree's mask, SDPA sums in another order: the
@@ -297,13 +297,16 @@ def test_a_tree_pass_computes_what_one_token_passes_compute(kernel_model, chat_i
     from specexec_app.core.tree import Tree
     from test_offload import tree_batch
 
-    ids = chat_ids("Write a haiku about the sea.")
+    # A prompt long enough that the tree pass outgrows the cache's first 256 places while the
+    # one-token side, whose context is capped at 300, holds room for 301: the keys' strides differ.
+    ids = chat_ids(" ".join([TRAVEL] * 10))
     tree = tree_batch()  # rows: root, 100, 100-200, 300, 100-200-400, 100-500
+    assert 256 - len(tree) < len(ids) < 290
     before = torch.get_num_threads()
 
     def one_token(path: list[int]) -> list[torch.Tensor]:
         """Logits after the prompt and after each token of `path`, one token a pass."""
-        target = Target(kernel_model)
+        target = Target(kernel_model, context=300)
         out = []
         for i in range(len(path) + 1):
             out.append(target.verify(ids + path[:i], Tree(), reply_from=len(ids))[0].float())
@@ -333,6 +336,62 @@ def test_a_tree_pass_computes_what_one_token_passes_compute(kernel_model, chat_i
         assert torch.equal(after, one_token(tokens + [7])[-1])
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_kernel_model_without_the_lean_forward_attends_in_float64_and_stays_exact(
+        gguf_source, tokenizer, chat_ids):
+    """A kernel model whose layers the lean forward does not take (here: its architectures
+    list emptied while it loads) goes through transformers' layers with every row's attention
+    in float64, a tree's rows together and one row alone alike within rounding: greedy SpecExec
+    is its own one-token greedy."""
+    import offload.cpu_forward as cpu_forward
+    from drafts import NgramDrafter
+    from specexec_app.loading.session import _load_target
+    from test_exactness import run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_forward, "ARCHITECTURES", ())
+        plain, _ = _load_target(gguf_source, torch.device("cpu"), "auto", None, None,
+                                lambda _: None, None, 0, False, 2048, 16)
+    assert "forward" not in vars(plain) and not hasattr(plain, "rows_alone")
+    assert plain.config._attn_implementation == cpu_forward.FLOAT64_SDPA
+    stops, saved = {tokenizer.eos_token_id}, 0
+    for prompt in (BANANAS, TRAVEL):
+        ids = chat_ids(prompt)
+        ref = own_greedy(plain, ids, stops, tokenizer, 48)
+        done = run(plain, NgramDrafter(min_ngram=1), ids, stops, tokenizer, budget=4,
+                   max_new_tokens=48)
+        assert len(ref) > 20 and done.token_ids == ref, prompt
+        saved += len(done.token_ids) - done.stats.target_passes
+    assert saved > 0
+
+
+def test_a_reply_leaves_the_cache_a_one_token_reply_leaves(kernel_model, tokenizer, chat_ids):
+    """Whatever the tree's last pass accepted (a stop token, nodes past the length), a reply
+    leaves in the target's cache what a reply one token a pass leaves: all its tokens but the
+    last. So a chat's next turn computes the same logits, bit for bit, after either."""
+    from drafts import NgramDrafter
+    from drafts.chain import NoDraft
+    from specexec_app.config.settings import DecodeSettings
+    from specexec_app.core import engine
+    from specexec_app.core.lm import Target
+    from specexec_app.core.tree import Tree
+
+    stops, more = {tokenizer.eos_token_id}, tokenizer.encode("\nAnd why?")
+    for prompt, new in (("Name three colours, in one short sentence.", 64), (TRAVEL, 24)):
+        ids = chat_ids(prompt)
+        caches, nexts, reasons = [], [], set()
+        for drafter, budget in ((NoDraft(), 1), (NgramDrafter(min_ngram=1), 4)):
+            target = Target(kernel_model)
+            done = list(engine.generate(target, drafter, ids, DecodeSettings(
+                budget=budget, max_new_tokens=new), tokenizer, stops))[-1]
+            reasons.add(done.stats.stop_reason)
+            caches.append(list(target.kv.tokens))
+            turn = ids + done.token_ids + [tokenizer.eos_token_id] + more
+            nexts.append(target.verify(turn, Tree(), reply_from=len(turn))[0].float())
+        assert len(reasons) == 1 and caches[0] == caches[1], prompt
+        assert caches[0] == (ids + done.token_ids)[:-1]
+        assert torch.equal(nexts[0], nexts[1]), prompt
 
 
 @pytest.mark.parametrize("kind", ["self-int8", "self-nf4"])

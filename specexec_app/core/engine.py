@@ -241,6 +241,7 @@ def generate(target: Target, drafter: Drafter, prompt_ids: list[int], settings: 
             yield step
             if out:
                 yield Text(detok.push(out), out)
+    target.settle(tokens)
     stats.reused_trees, stats.stop_reason = ahead.reused, reason
     stats.accepted_tokens += reason == "eos"  # the stop token was drawn too
     yield Done(stats, new)

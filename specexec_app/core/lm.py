@@ -301,6 +301,14 @@ class Target:
         return forward_tree(self.model, self.kv, self._pending, tree, self.streamer, self._where,
                             reply_from)
 
+    def settle(self, tokens: list[int]) -> None:
+        """After a reply ending `tokens`: the cache keeps at most all of them but the last, what
+        a reply one token a pass leaves (its last token drawn, never run), whatever a tree's
+        last pass accepted beyond that (a stop token, nodes past the length): the next turn then
+        starts from the same cache either way, and a model that attends rows alone computes it
+        alike (offload/cpu_forward.py)."""
+        self.kv.sync(tokens)
+
     def commit(self, tree: Tree, path: list[int]) -> None:
         """Keep the pending tokens and the accepted `path` nodes of the last `verify`."""
         base, p = len(self.kv.tokens), len(self._pending)
