@@ -366,6 +366,41 @@ def test_a_kernel_model_without_the_lean_forward_attends_in_float64_and_stays_ex
     assert saved > 0
 
 
+def test_a_prompt_in_chunks_is_cut_alike_with_a_tree_or_without(kernel_model, tokenizer,
+                                                                 chat_ids, monkeypatch):
+    """On the lean forward a prompt's chunks (PREFILL_CHUNK, 16 here) do not depend on the tree
+    on top (they attend together, in float64, so their cut must be the same in both modes):
+    full chunks, then the rest with the tree; greedy SpecExec over such a prompt is still the
+    one-token greedy."""
+    import specexec_app.core.lm as lm
+    from drafts import NgramDrafter
+    from specexec_app.core.lm import Target
+    from specexec_app.core.tree import Tree
+    from test_exactness import run
+    from test_offload import tree_batch
+
+    monkeypatch.setattr(lm, "PREFILL_CHUNK", 16)
+    ids = chat_ids("Repeat after me: red green blue, red green blue, red green blue, red.")
+    assert len(ids) > 32
+    rows: list[list[int]] = []
+    hook = kernel_model.register_forward_pre_hook(
+        lambda _, args, kwargs: rows[-1].append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        for tree in (Tree(), tree_batch()):
+            rows.append([])
+            Target(kernel_model).verify(ids, tree, reply_from=len(ids))
+    finally:
+        hook.remove()
+    chunks, rest = [16] * ((len(ids) - 1) // 16), (len(ids) - 1) % 16 + 1  # never empty
+    assert rows == [chunks + [rest], chunks + [rest + len(tree_batch())]]
+    stops = {tokenizer.eos_token_id}
+    ref = own_greedy(kernel_model, ids, stops, tokenizer, 32)
+    done = run(kernel_model, NgramDrafter(min_ngram=1), ids, stops, tokenizer, budget=4,
+               max_new_tokens=32)
+    assert len(ref) > 10 and done.token_ids == ref
+    assert done.stats.target_passes < len(ref)
+
+
 def test_a_reply_leaves_the_cache_a_one_token_reply_leaves(kernel_model, tokenizer, chat_ids):
     """Whatever the tree's last pass accepted (a stop token, nodes past the length), a reply
     leaves in the target's cache what a reply one token a pass leaves: all its tokens but the
