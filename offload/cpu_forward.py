@@ -1,4 +1,5 @@
-"""A lean forward for a Llama-architecture target whose layers are all in the CPU kernels' form.
+"""A lean forward for a Llama-architecture target (Llama, Mistral, Qwen2) whose layers are all in
+the CPU kernels' form.
 
 On a CPU, with weights computed by the packed kernels (`offload.kernels`), a one-token pass of a
 small model is mostly Python: transformers' layer code makes ~15 module calls a layer, builds its
@@ -55,7 +56,7 @@ from specexec_app.core.lm import ROWS_ALONE
 
 from .kernels import KERNEL_DTYPE, KernelLinear, KernelSlice
 
-ARCHITECTURES = ("llama", "mistral")
+ARCHITECTURES = ("llama", "mistral", "qwen2")  # Llama's layers (Qwen2's with q/k/v biases)
 ATTENTION_DTYPE = torch.float64  # the arithmetic of rows that attend together (see above)
 # The arguments of the engine's calls (`core.lm.run`); a call with any other goes to transformers.
 ENGINE_CALL = {"input_ids", "position_ids", "attention_mask", "past_key_values", "cache",
@@ -131,7 +132,8 @@ def _lean_layers(model) -> list[tuple] | None:
     kernel matmuls, the attention scale); None where a layer is not one it takes."""
     config = model.config
     if config.model_type not in ARCHITECTURES or getattr(config, "hidden_act", "silu") != "silu" \
-            or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            or getattr(config, "mlp_bias", False) or getattr(config, "use_sliding_window", False) \
+            or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
         return None
     layers = []
     for layer in model.model.layers:
@@ -141,10 +143,12 @@ def _lean_layers(model) -> list[tuple] | None:
         qkv = _fused(("q_proj", "k_proj", "v_proj"), attn)
         gate_up = _fused(("gate_proj", "up_proj"), mlp)
         if qkv is None or gate_up is None or not isinstance(attn.o_proj, KernelLinear) \
-                or not isinstance(mlp.down_proj, KernelLinear):
-            return None
+                or not isinstance(mlp.down_proj, KernelLinear) or gate_up.bias is not None \
+                or attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
+            return None  # (q, k and v may have biases: Qwen2's)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        if any(type(n).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm") for n in norms):
+        if any(type(n).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+               for n in norms):
             return None
         layers.append((norms[0].weight, norms[0].variance_epsilon, _matmul(qkv), _matmul(attn.o_proj),
                        norms[1].weight, norms[1].variance_epsilon, _matmul(gate_up),

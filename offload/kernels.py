@@ -88,17 +88,20 @@ FUSE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 def fuse(linears: list[KernelLinear]) -> KernelLinear | None:
     """One KernelLinear whose outputs are those of `linears` side by side (the packed rows and
     their scales concatenated: the int4 packing interleaves rows within blocks of PACK_BLOCK, so
-    each member's rows must fill whole blocks; tested), or None when their forms differ."""
+    each member's rows must fill whole blocks; tested; biases, where all have one, too: each
+    output is its kernel sum plus its bias either way), or None when their forms differ."""
     first = linears[0]
     if any(m.in_features != first.in_features or m.groups != first.groups or m.int8 != first.int8
-           or m.bias is not None or (m.groups and m.out_features % PACK_BLOCK) for m in linears):
+           or (m.bias is None) != (first.bias is None) or (m.groups and m.out_features % PACK_BLOCK)
+           for m in linears):
         return None
     int4 = [(torch.cat([getattr(m, f"packed{k}") for m in linears]),
              torch.cat([getattr(m, f"scales_zeros{k}") for m in linears], dim=1), group)
             for k, group in enumerate(first.groups)]
     int8 = (torch.cat([m.q8 for m in linears]), torch.cat([m.scale8 for m in linears])) \
         if first.int8 else None
-    return KernelLinear(sum(m.out_features for m in linears), first.in_features, int4, int8)
+    bias = torch.cat([m.bias for m in linears]) if first.bias is not None else None
+    return KernelLinear(sum(m.out_features for m in linears), first.in_features, int4, int8, bias)
 
 
 class Shared(nn.Module):

@@ -401,6 +401,68 @@ def test_a_prompt_in_chunks_is_cut_alike_with_a_tree_or_without(kernel_model, to
     assert done.stats.target_passes < len(ref)
 
 
+def test_a_qwen2_target_with_qkv_biases_takes_the_lean_forward(tmp_path):
+    """Qwen2's layers are Llama's with biases on q, k and v: the fused q/k/v kernel carries them
+    (int8 rows here, `--quant 8`) and the lean forward takes the model: it computes what
+    transformers' layers compute, bit for bit (a prompt, then one row), and greedy SpecExec is
+    the model's own one-token greedy."""
+    from pathlib import Path
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from drafts import NgramDrafter
+    from drafts.chain import NoDraft
+    from offload.kernels import KernelSlice
+    from offload.loader import load_offloaded
+    from specexec_app.config.settings import DecodeSettings
+    from specexec_app.core import engine
+    from specexec_app.core.kvcache import CACHE_ARG, TokenCache
+    from specexec_app.core.lm import Target
+    from specexec_app.core.tree import Tree, tree_inputs
+
+    config = Qwen2Config(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=512,
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    source = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    source.save_pretrained(tmp_path)
+    model = load_offloaded(Path(tmp_path), torch.device("cpu"), 8, "never", None, 0,
+                           torch.float32).model
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, KernelSlice) and q._refs[0].linear.bias is not None
+    assert getattr(model, "rows_alone", False)
+
+    ids = list(range(10, 60))
+    got, want = [], []
+    for force_layers, out in ((False, got), (True, want)):
+        kv = TokenCache()
+        extra = {"return_dict": True} if force_layers else {}
+        for pending, past in ((ids[:-1], 0), (ids[-1:], len(ids) - 1)):
+            x, pos, mask = tree_inputs(pending, Tree(), past, torch.float32, torch.device("cpu"))
+            with torch.inference_mode():
+                out.append(model(input_ids=x, position_ids=pos, attention_mask=mask, use_cache=True,
+                                 **{CACHE_ARG: kv.cache}, logits_to_keep=1, **extra).logits[0])
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), (g - w).abs().max()
+
+    class Tok:
+        def decode(self, ids, **kw):
+            return ""
+
+    prompt = [7, 8, 9, 10, 11] * 6
+    replies = []
+    for drafter, budget in ((NoDraft(), 1), (NgramDrafter(min_ngram=1), 4)):
+        done = list(engine.generate(Target(model), drafter, prompt,
+                                    DecodeSettings(budget=budget, max_new_tokens=40), Tok(), set()))[-1]
+        replies.append((done.token_ids, done.stats.target_passes))
+    assert replies[1][0] == replies[0][0] and len(replies[0][0]) == 40
+    assert replies[1][1] < replies[0][1]  # drafted tokens were accepted
+
+
 def test_a_reply_leaves_the_cache_a_one_token_reply_leaves(kernel_model, tokenizer, chat_ids):
     """Whatever the tree's last pass accepted (a stop token, nodes past the length), a reply
     leaves in the target's cache what a reply one token a pass leaves: all its tokens but the
