@@ -77,7 +77,7 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def _type_of(gguf_name: str) -> str:
     """A mix of block types, as a Q4_K_M file mixes Q4_K and Q6_K."""
-    if gguf_name.endswith("norm.weight"):
+    if gguf_name.endswith(("norm.weight", ".bias")):
         return "F32"
     if gguf_name == "token_embd.weight":
         return "Q8_0"
@@ -89,14 +89,16 @@ def _type_of(gguf_name: str) -> str:
     return alternates.get(kinds[0], kinds[0]) if blk % 2 else kinds[0]
 
 
-def write_gguf(path, split_max_tensors: int = 0, drop: tuple[str, ...] = ()):
-    """A random 3-layer Llama (hidden 256) as GGUF: block types of `_type_of`, K-quants as random
-    blocks (the `gguf` package cannot quantize them), the others quantized from random weights
-    (the same weights on every call); tokenizer and chat template copied from the shipped SmolLM2
-    GGUF."""
+def write_gguf(path, split_max_tensors: int = 0, drop: tuple[str, ...] = (), arch: str = "llama",
+               type_of=_type_of):
+    """A random 3-layer Llama (hidden 256) as GGUF, or a Qwen2 (`arch`: Llama's layers with
+    biases on q, k and v): block types of `type_of`, K-quants as random blocks (the `gguf`
+    package cannot quantize them), the others quantized from random weights (the same weights
+    on every call); tokenizer and chat template copied from the shipped SmolLM2 GGUF."""
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (LlamaTensorProcessor, TensorProcessor,
+                                                          get_gguf_hf_weights_map)
 
     from specexec_app.loading.sources import smollm2_gguf
 
@@ -109,14 +111,16 @@ def write_gguf(path, split_max_tensors: int = 0, drop: tuple[str, ...] = ()):
     merges = [m for m in source.fields["tokenizer.ggml.merges"].contents()
               if m.replace(" ", "") in known and all(p in known for p in m.split(" "))]
     vocab = VOCAB
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS,
-                         num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS, vocab_size=vocab,
-                         tie_word_embeddings=True)
+    Config, Model, Processor = ((Qwen2Config, Qwen2ForCausalLM, TensorProcessor) if arch == "qwen2"
+                                else (LlamaConfig, LlamaForCausalLM, LlamaTensorProcessor))
+    config = Config(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS,
+                    num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS, vocab_size=vocab,
+                    tie_word_embeddings=True)
     with torch.device("meta"):
-        meta = LlamaForCausalLM(config)
+        meta = Model(config)
     to_gguf = {hf: g for g, hf in get_gguf_hf_weights_map(
-        meta, LlamaTensorProcessor(config=config.to_dict())).items()}
-    writer = GGUFWriter(path, "llama", split_max_tensors=split_max_tensors)
+        meta, Processor(config=config.to_dict())).items()}
+    writer = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     for key, field in source.fields.items():
         if key.startswith(("GGUF.", "llama.", "split.")) or key == "general.architecture":
             continue
@@ -140,15 +144,17 @@ def write_gguf(path, split_max_tensors: int = 0, drop: tuple[str, ...] = ()):
         name = to_gguf[hf]
         if name in drop or hf == "lm_head.weight":
             continue
-        qtype = _type_of(name)
+        qtype = type_of(name)
         shape = tuple(p.shape)
-        if len(shape) == 1:
+        if name.endswith(".bias"):
+            data = (0.5 * rng.standard_normal(shape)).astype(np.float32)
+        elif len(shape) == 1:
             data = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         elif qtype in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"):
             data = random_blocks(qtype, shape[0], shape[1], 2e-4 if "K" in qtype else 2e-3, rng)
         else:
             w = (0.05 * rng.standard_normal(shape)).astype(np.float32)
-            if hf.endswith(("q_proj.weight", "k_proj.weight")):
+            if arch == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
                 w = _permute(w, HEADS if "q_proj" in hf else KV_HEADS)
             data = quants.quantize(w, GGMLQuantizationType[qtype]) if qtype != "F32" else w
         writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[qtype])
@@ -234,6 +240,40 @@ def test_gguf_streams_its_blocks_and_computes_the_resident_model(tiny_gguf, offl
     # but for what a device buffer still holds from the last one (3 layers, 2 buffers).
     assert layer_bytes <= offloaded.streamed_bytes_per_pass == aligned < layer_bytes + 64 * 30
     assert (0 < crossed <= aligned) if offload == "disk" else crossed == 0  # a CPU reads RAM in place
+
+
+def test_a_qwen2_gguf_computes_on_the_kernels_with_its_biases_through_the_lean_forward(tmp_path):
+    """A Qwen2 GGUF (Llama's layers with biases on q, k and v; Q4_0 matrices, a Q8_0 embedding)
+    resident on a CPU: its matrices compute on the packed kernels, q, k and v fused with their
+    biases, through the lean forward; its logits follow the model transformers dequantizes whole
+    (within the rounding of bf16 activations); greedy SpecExec is its own one-token greedy."""
+    from drafts import NgramDrafter
+    from drafts.chain import NoDraft
+    from specexec_app.config.settings import DecodeSettings
+    from specexec_app.core import engine
+    from specexec_app.core.lm import Target
+
+    path = tmp_path / "qwen2.gguf"
+    write_gguf(path, arch="qwen2", type_of=lambda name: "F32" if name.endswith(
+        ("norm.weight", ".bias")) else "Q8_0" if name == "token_embd.weight" else "Q4_0")
+    model, _ = _load(str(path), "never")
+    assert model.config.model_type == "qwen2" and getattr(model, "rows_alone", False)
+    assert model.model.layers[0].self_attn.q_proj._refs[0].linear.bias is not None
+    want = logits(_resident(path))
+    torch.testing.assert_close(logits(model), want, rtol=0, atol=0.02 * want.abs().max().item())
+
+    class Tok:
+        def decode(self, ids, **kw):
+            return ""
+
+    prompt = [300, 301, 302, 303, 304] * 6
+    replies = []
+    for drafter, budget in ((NoDraft(), 1), (NgramDrafter(min_ngram=1), 4)):
+        done = list(engine.generate(Target(model), drafter, prompt,
+                                    DecodeSettings(budget=budget, max_new_tokens=40), Tok(), set()))[-1]
+        replies.append((done.token_ids, done.stats.target_passes))
+    assert replies[1][0] == replies[0][0] and len(replies[0][0]) == 40
+    assert replies[1][1] < replies[0][1]  # drafted tokens were accepted
 
 
 def test_a_split_gguf_loads_from_any_part_or_its_folder_and_a_missing_part_is_named(tmp_path,
