@@ -271,7 +271,10 @@ def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, ca
                 qk[:, :heads, :together].to(ATTENTION_DTYPE), k[..., :end, :].to(ATTENTION_DTYPE),
                 v[..., :end, :].to(ATTENTION_DTYPE), attn_mask=mask, scale=scale,
                 enable_gqa=gqa))
-        if plan:
+        if n == 1 and not together:  # one row alone: it sees every key (`_attend_alone`'s call)
+            o_heads.copy_(F.scaled_dot_product_attention(qk[:, :heads], k, v, scale=scale,
+                                                         enable_gqa=gqa))
+        elif plan:
             _attend_alone(qk[:, :heads], k, v, plan, o_heads, scale, gqa)
         x.add_(out(o_rows))
         a.copy_(torch.rms_norm(x, (hidden,), w2, eps2))
