@@ -108,6 +108,22 @@ def test_run_stats_json(tmp_path):
     assert result.stdout.strip() and "note: the reply stopped" not in result.stderr  # -n was given
 
 
+def test_run_with_no_draft_is_the_target_alone_and_the_same_text(tmp_path):
+    """`--draft none`: one token a pass (every pass accepts one token), the reference that the
+    default drafter's greedy text equals."""
+    prompt = "Repeat exactly: red green blue, red green blue, red green blue."
+    out = {}
+    for draft in ("none", "ngram"):
+        path = tmp_path / f"{draft}.json"
+        result = invoke(prompt, "--draft", draft, "--max-new-tokens", "24", "--stats-json", str(path))
+        assert result.exit_code == 0, result.output
+        out[draft] = (result.stdout, json.loads(path.read_text()))
+    text, stats = out["none"]
+    assert stats["draft"] == "none" and stats["accepted_per_pass"] == 1.0
+    assert text.strip() and out["ngram"][0] == text
+    assert out["ngram"][1]["target_passes"] < stats["target_passes"]  # the n-gram trees paid
+
+
 def test_run_says_when_the_default_length_cut_the_reply():
     result = invoke("Write a 2000-word essay about the history of Rome.")
     assert result.exit_code == 0, result.output

@@ -58,7 +58,7 @@ def draft_gpu_bytes(draft: str, src: ModelSource, dsrc: ModelSource | None, toke
 
     from offload.model import kv_cache_bytes
 
-    if draft == "ngram":
+    if draft in ("ngram", "none"):  # (loading.session.WEIGHTLESS)
         return 0
     cfg = _config(Path((dsrc or src).path))
     try:

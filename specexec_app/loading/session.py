@@ -11,6 +11,7 @@ import torch
 
 from drafts import Drafter, ModelDrafter, NgramDrafter
 from drafts.model import cpu_draft_threads, keep_freed_memory
+from drafts.chain import NoDraft
 from drafts.distilled import is_distilled, load_draft
 
 from specexec_app.core import engine
@@ -25,6 +26,7 @@ from specexec_app.config.settings import DecodeSettings, LoadSpec, check_device,
 from specexec_app.config.settings import resolve as resolve_settings
 
 SELF_DRAFTS = {"self-int8": "int8", "self-nf4": "nf4"}
+WEIGHTLESS = ("ngram", "none")  # drafts with no model: prompt lookup, and none (one token a pass)
 WORK_MARGIN = 256 * 2**20  # GPU memory kept beside the planned tensors: allocator slack, workspaces
 OnLayer = Callable[[int, int], None]  # (layers placed, layers in all)
 
@@ -139,7 +141,7 @@ def build(spec: LoadSpec, status: Status = _quiet, progress: OnLayer | None = No
     ddev = torch.device("cpu") if spec.drafter == "cpu" else dev
     draft = spec.draft
     src = resolve(spec.target, status)
-    dsrc = None if draft == "ngram" or draft in SELF_DRAFTS else resolve(draft, status)
+    dsrc = None if draft in WEIGHTLESS or draft in SELF_DRAFTS else resolve(draft, status)
     status(f"loading {spec.target}")
     tokenizer = load_tokenizer(src, spec.trust_remote_code, status)
     if dsrc:
@@ -179,6 +181,8 @@ def self_draft_model(src, dev: torch.device, kind: str, trust_remote_code: bool 
 def make_drafter(draft: str, dsrc, src, model, ddev: torch.device, vocab: int, stops: set[int],
                  trust_remote_code: bool = False, status: Status = _quiet) -> Drafter:
     """The drafter named `draft` (its model from `dsrc`) for the target `model` loaded from `src`."""
+    if draft == "none":
+        return NoDraft()  # the target alone, one token a pass
     if draft == "ngram":
         # On a CPU a pass carrying a tree costs ~1.4x a one-token pass (gemm against gemv), so
         # only matches of 3+ tokens earn a tree there; on a GPU the pass is flat in tree size.

@@ -298,7 +298,7 @@ def profile(
 def models() -> None:
     """The presets, where each one's weights are looked for, and whether they are present."""
     from specexec_app.config.presets import PRESETS_FILE, load_presets
-    from specexec_app.loading.session import SELF_DRAFTS
+    from specexec_app.loading.session import SELF_DRAFTS, WEIGHTLESS
     from specexec_app.loading.sources import SHIPPED_DRAFTS, list_ollama, locate, ollama_models
 
     out = Console(highlight=False)
@@ -306,7 +306,7 @@ def models() -> None:
         out.print(f"[dim]presets from {escape(str(PRESETS_FILE))}[/]")
         for p in load_presets().values():
             where, ok = locate(p.target)
-            if p.draft == "ngram":
+            if p.draft in WEIGHTLESS:
                 dwhere, dok = "no weights", True
             elif p.draft in SELF_DRAFTS:
                 dwhere, dok = "made from the target", True

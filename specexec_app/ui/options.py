@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 TargetOpt = Annotated[Optional[str], typer.Option("--target", "-t", show_default=False, help="Preset name (specexec models), model folder, .gguf file, or repo id in the local HF cache. Default: the profile's target, else 'default'.")]
-DraftOpt = Annotated[Optional[str], typer.Option("--draft", "-d", show_default=False, help="'ngram', 'self-int8', 'self-nf4', 'smollm2-distilled', a preset (its draft), a folder from `specexec distill`, or a draft model named like --target. Default: the profile's, else the preset's, else ngram.")]
+DraftOpt = Annotated[Optional[str], typer.Option("--draft", "-d", show_default=False, help="'ngram', 'none' (the target alone, one token a pass), 'self-int8', 'self-nf4', 'smollm2-distilled', a preset (its draft), a folder from `specexec distill`, or a draft model named like --target. Default: the profile's, else the preset's, else ngram.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(show_default=False, help="auto, cpu, cuda or cuda:N. Default: auto (a CUDA GPU if there is one).")]
 OffloadOpt = Annotated[Optional[str], typer.Option(show_default=False, help="auto: stream the target's layers only if it does not fit the GPU, from RAM, or from disk if RAM is short too; always: stream from RAM (even on CPU); disk: stream from disk (16-bit safetensors, or a folder from `specexec quantize`); never. Default: the profile's, else auto.")]
 QuantOpt = Annotated[Optional[int], typer.Option(show_default=False, help="Target weights: 16, 8 (int8) or 4 (NF4) bits. Default: the profile's, else as the checkpoint stores them (a GGUF's own blocks, which a CPU computes from directly; --quant 16 expands them at load).")]
