@@ -288,8 +288,9 @@ def test_a_tree_pass_computes_what_one_token_passes_compute(kernel_model, chat_i
     """The promise behind greedy exactness on a CPU, checked bit for bit: the logits a tree pass
     gives at each node are those that a reply's one-token passes down that node's path give (the
     prompt's rows attend together in both, the tree's and the reply's alone), under other
-    thread counts and over cache buffers of other sizes too, for nodes whose ancestors are the rows before them and for nodes whose
-    are not (copied into place for their call); and after a commit of a path of the second kind
+    thread counts and over cache buffers of other sizes too, for nodes whose ancestors are the
+    rows before them and for nodes whose are not (copied into place for their call); and after
+    a commit of a path of the second kind
     the next one-token pass still gives what it gives after one-token passes down that path.
     (With the rows attending together under the tree's mask, SDPA sums in another order: the
     bits differ and this test fails.)"""
