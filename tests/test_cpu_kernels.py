@@ -411,15 +411,11 @@ def test_a_qwen2_target_with_qkv_biases_takes_the_lean_forward(tmp_path):
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from drafts import NgramDrafter
-    from drafts.chain import NoDraft
     from offload.kernels import KernelSlice
     from offload.loader import load_offloaded
-    from specexec_app.config.settings import DecodeSettings
-    from specexec_app.core import engine
     from specexec_app.core.kvcache import CACHE_ARG, TokenCache
-    from specexec_app.core.lm import Target
     from specexec_app.core.tree import Tree, tree_inputs
+    from test_formats import assert_drafted_greedy_is_its_own
 
     config = Qwen2Config(hidden_size=128, intermediate_size=256, num_attention_heads=4,
                          num_key_value_heads=2, num_hidden_layers=2, vocab_size=512,
@@ -449,19 +445,7 @@ def test_a_qwen2_target_with_qkv_biases_takes_the_lean_forward(tmp_path):
                                  **{CACHE_ARG: kv.cache}, logits_to_keep=1, **extra).logits[0])
     for g, w in zip(got, want):
         assert torch.equal(g, w), (g - w).abs().max()
-
-    class Tok:
-        def decode(self, ids, **kw):
-            return ""
-
-    prompt = [7, 8, 9, 10, 11] * 6
-    replies = []
-    for drafter, budget in ((NoDraft(), 1), (NgramDrafter(min_ngram=1), 4)):
-        done = list(engine.generate(Target(model), drafter, prompt,
-                                    DecodeSettings(budget=budget, max_new_tokens=40), Tok(), set()))[-1]
-        replies.append((done.token_ids, done.stats.target_passes))
-    assert replies[1][0] == replies[0][0] and len(replies[0][0]) == 40
-    assert replies[1][1] < replies[0][1]  # drafted tokens were accepted
+    assert_drafted_greedy_is_its_own(model, [7, 8, 9, 10, 11] * 6)
 
 
 def test_a_reply_leaves_the_cache_a_one_token_reply_leaves(kernel_model, tokenizer, chat_ids):

@@ -242,17 +242,33 @@ def test_gguf_streams_its_blocks_and_computes_the_resident_model(tiny_gguf, offl
     assert (0 < crossed <= aligned) if offload == "disk" else crossed == 0  # a CPU reads RAM in place
 
 
-def test_a_qwen2_gguf_computes_on_the_kernels_with_its_biases_through_the_lean_forward(tmp_path):
-    """A Qwen2 GGUF (Llama's layers with biases on q, k and v; Q4_0 matrices, a Q8_0 embedding)
-    resident on a CPU: its matrices compute on the packed kernels, q, k and v fused with their
-    biases, through the lean forward; its logits follow the model transformers dequantizes whole
-    (within the rounding of bf16 activations); greedy SpecExec is its own one-token greedy."""
+def assert_drafted_greedy_is_its_own(model, prompt: list[int], new: int = 40) -> None:
+    """Greedy SpecExec (n-gram trees of 4) over `prompt` gives the model's own one-token greedy,
+    `new` tokens (no stop token), and the trees paid: fewer passes."""
     from drafts import NgramDrafter
     from drafts.chain import NoDraft
     from specexec_app.config.settings import DecodeSettings
     from specexec_app.core import engine
     from specexec_app.core.lm import Target
 
+    class Tok:
+        def decode(self, ids, **kw):
+            return ""
+
+    replies = []
+    for drafter, budget in ((NoDraft(), 1), (NgramDrafter(min_ngram=1), 4)):
+        done = list(engine.generate(Target(model), drafter, prompt,
+                                    DecodeSettings(budget=budget, max_new_tokens=new), Tok(), set()))[-1]
+        replies.append((done.token_ids, done.stats.target_passes))
+    assert replies[1][0] == replies[0][0] and len(replies[0][0]) == new
+    assert replies[1][1] < replies[0][1]  # drafted tokens were accepted
+
+
+def test_a_qwen2_gguf_computes_on_the_kernels_with_its_biases_through_the_lean_forward(tmp_path):
+    """A Qwen2 GGUF (Llama's layers with biases on q, k and v; Q4_0 matrices, a Q8_0 embedding)
+    resident on a CPU: its matrices compute on the packed kernels, q, k and v fused with their
+    biases, through the lean forward; its logits follow the model transformers dequantizes whole
+    (within the rounding of bf16 activations); greedy SpecExec is its own one-token greedy."""
     path = tmp_path / "qwen2.gguf"
     write_gguf(path, arch="qwen2", type_of=lambda name: "F32" if name.endswith(
         ("norm.weight", ".bias")) else "Q8_0" if name == "token_embd.weight" else "Q4_0")
@@ -261,19 +277,7 @@ def test_a_qwen2_gguf_computes_on_the_kernels_with_its_biases_through_the_lean_f
     assert model.model.layers[0].self_attn.q_proj._refs[0].linear.bias is not None
     want = logits(_resident(path))
     torch.testing.assert_close(logits(model), want, rtol=0, atol=0.02 * want.abs().max().item())
-
-    class Tok:
-        def decode(self, ids, **kw):
-            return ""
-
-    prompt = [300, 301, 302, 303, 304] * 6
-    replies = []
-    for drafter, budget in ((NoDraft(), 1), (NgramDrafter(min_ngram=1), 4)):
-        done = list(engine.generate(Target(model), drafter, prompt,
-                                    DecodeSettings(budget=budget, max_new_tokens=40), Tok(), set()))[-1]
-        replies.append((done.token_ids, done.stats.target_passes))
-    assert replies[1][0] == replies[0][0] and len(replies[0][0]) == 40
-    assert replies[1][1] < replies[0][1]  # drafted tokens were accepted
+    assert_drafted_greedy_is_its_own(model, [300, 301, 302, 303, 304] * 6)
 
 
 def test_a_split_gguf_loads_from_any_part_or_its_folder_and_a_missing_part_is_named(tmp_path,
