@@ -115,11 +115,13 @@ def test_run_with_no_draft_is_the_target_alone_and_the_same_text(tmp_path):
     out = {}
     for draft in ("none", "ngram"):
         path = tmp_path / f"{draft}.json"
-        result = invoke(prompt, "--draft", draft, "--max-new-tokens", "24", "--stats-json", str(path))
+        result = invoke(prompt, "--draft", draft, "--max-new-tokens", "24", "--stats",
+                        "--stats-json", str(path))
         assert result.exit_code == 0, result.output
-        out[draft] = (result.stdout, json.loads(path.read_text()))
-    text, stats = out["none"]
+        out[draft] = (result.stdout, json.loads(path.read_text()), result.stderr)
+    text, stats, err = out["none"]
     assert stats["draft"] == "none" and stats["accepted_per_pass"] == 1.0
+    assert "with no draft (one token a pass)," in " ".join(err.split())
     assert text.strip() and out["ngram"][0] == text
     assert out["ngram"][1]["target_passes"] < stats["target_passes"]  # the n-gram trees paid
 

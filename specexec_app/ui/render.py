@@ -17,8 +17,10 @@ MEASURED_SHORT = 30  # % below the prediction past which a profile's check is su
 
 def what_runs(pipe, budget: int, tuned: bool) -> str:
     """The line that names what answers: target, draft, budget and placement."""
-    return (f"{pipe.target_name} with draft {pipe.draft_name}, budget {budget}, "
-            f"{pipe.placement_text()}" + (" (tuned by your profile)" if tuned else ""))
+    draft = ("no draft (one token a pass)" if pipe.draft_name == "none"
+             else f"draft {pipe.draft_name}, budget {budget}")
+    return (f"{pipe.target_name} with {draft}, {pipe.placement_text()}"
+            + (" (tuned by your profile)" if tuned else ""))
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:
