@@ -17,10 +17,15 @@ MEASURED_SHORT = 30  # % below the prediction past which a profile's check is su
 
 def what_runs(pipe, budget: int, tuned: bool) -> str:
     """The line that names what answers: target, draft, budget and placement."""
-    draft = ("no draft (one token a pass)" if pipe.draft_name == "none"
-             else f"draft {pipe.draft_name}, budget {budget}")
-    return (f"{pipe.target_name} with {draft}, {pipe.placement_text()}"
+    return (f"{pipe.target_name} with {draft_text(pipe, budget)}, {pipe.placement_text()}"
             + (" (tuned by your profile)" if tuned else ""))
+
+
+def draft_text(pipe, budget: int) -> str:
+    """'draft ngram, budget 3', or what `--draft none` means."""
+    if pipe.draft_name == "none":
+        return "no draft (one token a pass)"
+    return f"draft {pipe.draft_name}, budget {budget}"
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 from specexec_app.config.settings import DecodeSettings
 from specexec_app.core.engine import Done, Notice, Pass, Stats, Text
 from specexec_app.errors import UserError
-from specexec_app.ui.render import count
+from specexec_app.ui.render import count, draft_text
 
 Log = Callable[[str], None]
 
@@ -602,8 +602,8 @@ def serve(load: Callable[[], tuple], host: str = "127.0.0.1", port: int = 8000,
         log(f"listening on {running.url} (OpenAI API under {running.url}/v1); loading the model")
         pipe, settings = load()
         app.state.worker.ready(pipe, settings)
-        log(f"ready: {model_name or pipe.target_name} with draft {pipe.draft_name}, budget "
-            f"{settings.budget}, context {pipe.target.context_length}, {pipe.placement_text()}")
+        log(f"ready: {model_name or pipe.target_name} with {draft_text(pipe, settings.budget)}, "
+            f"context {pipe.target.context_length}, {pipe.placement_text()}")
         while running.thread.is_alive():
             running.thread.join(0.5)
     finally:
