@@ -191,13 +191,11 @@ def install(model) -> bool:
     return True
 
 
-def _alone_plan(mask: torch.Tensor | None, n: int, first: int) -> list[tuple[int, int, int, list[int]]]:
-    """For rows `first` .. n - 1 of a call of `n` rows under `mask` [1, 1, n, past + n] (None:
-    one row that sees everything), which attend alone: per row, (row, how many of the call's
-    rows it sees, how many of those are rows 0, 1, ... in place after the prefix already, the
-    rows it sees). Rows whose rows are all in place come first."""
-    if mask is None:
-        return [(0, 1, 1, [0])]
+def _alone_plan(mask: torch.Tensor, n: int, first: int) -> list[tuple[int, int, int, list[int]]]:
+    """For rows `first` .. n - 1 of a call of `n` rows under `mask` [1, 1, n, past + n], which
+    attend alone: per row, (row, how many of the call's rows it sees, how many of those are rows
+    0, 1, ... in place after the prefix already, the rows it sees). Rows whose rows are all in
+    place come first."""
     seen = (mask[0, 0, first:, -n:] == 0).tolist()
     plan = []
     for j, row in enumerate(seen, first):
@@ -245,7 +243,8 @@ def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, ca
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
     together = (n if n > 1 else 0) if alone is None else alone
-    plan = _alone_plan(mask, n, together) if together < n else None
+    lone = n == 1 and not together  # one row alone: it sees every key, one SDPA call
+    plan = _alone_plan(mask, n, together) if together < n and not lone else None
     if together and mask is not None:  # those rows' mask over the keys up to them, for float64
         mask = mask[..., :together, :mask.shape[-1] - n + together].to(ATTENTION_DTYPE)
     gqa = kv_heads != heads
@@ -271,7 +270,7 @@ def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, ca
                 qk[:, :heads, :together].to(ATTENTION_DTYPE), k[..., :end, :].to(ATTENTION_DTYPE),
                 v[..., :end, :].to(ATTENTION_DTYPE), attn_mask=mask, scale=scale,
                 enable_gqa=gqa))
-        if n == 1 and not together:  # one row alone: it sees every key (`_attend_alone`'s call)
+        if lone:  # (the call `_attend_alone` makes for a row whose keys are all in place)
             o_heads.copy_(F.scaled_dot_product_attention(qk[:, :heads], k, v, scale=scale,
                                                          enable_gqa=gqa))
         elif plan:

@@ -19,6 +19,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
                    "tokenizer.tiktoken", "qwen.tiktoken")
 
 
+WEIGHTLESS = ("ngram", "none")  # drafts with no model: prompt lookup, and none (one token a pass)
+
 def _first_line(e: BaseException) -> str:
     """An exception's message on one line: its first, and the lines a first ending in ':'
     announces (transformers lists what it looked for there)."""
@@ -58,7 +60,7 @@ def draft_gpu_bytes(draft: str, src: ModelSource, dsrc: ModelSource | None, toke
 
     from offload.model import kv_cache_bytes
 
-    if draft in ("ngram", "none"):  # (loading.session.WEIGHTLESS)
+    if draft in WEIGHTLESS:
         return 0
     cfg = _config(Path((dsrc or src).path))
     try:

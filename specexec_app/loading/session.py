@@ -19,14 +19,13 @@ from specexec_app.errors import UserError
 from specexec_app.core.text import encode_chat
 from specexec_app.core.lm import DEFAULT_CONTEXT, Target, model_device
 from specexec_app.loading.checkpoint import check_checkpoint
-from specexec_app.loading.hf import (check_same_tokenizer, draft_gpu_bytes, load_model,
-                                     load_tokenizer, stop_ids)
+from specexec_app.loading.hf import (WEIGHTLESS, check_same_tokenizer, draft_gpu_bytes,
+                                     load_model, load_tokenizer, stop_ids)
 from specexec_app.loading.sources import Status, _quiet, resolve
 from specexec_app.config.settings import DecodeSettings, LoadSpec, check_device, device_kind
 from specexec_app.config.settings import resolve as resolve_settings
 
 SELF_DRAFTS = {"self-int8": "int8", "self-nf4": "nf4"}
-WEIGHTLESS = ("ngram", "none")  # drafts with no model: prompt lookup, and none (one token a pass)
 WORK_MARGIN = 256 * 2**20  # GPU memory kept beside the planned tensors: allocator slack, workspaces
 OnLayer = Callable[[int, int], None]  # (layers placed, layers in all)
 

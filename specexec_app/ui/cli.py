@@ -298,7 +298,8 @@ def profile(
 def models() -> None:
     """The presets, where each one's weights are looked for, and whether they are present."""
     from specexec_app.config.presets import PRESETS_FILE, load_presets
-    from specexec_app.loading.session import SELF_DRAFTS, WEIGHTLESS
+    from specexec_app.loading.hf import WEIGHTLESS
+    from specexec_app.loading.session import SELF_DRAFTS
     from specexec_app.loading.sources import SHIPPED_DRAFTS, list_ollama, locate, ollama_models
 
     out = Console(highlight=False)
