@@ -43,6 +43,7 @@ a call without positions) goes to the model's own forward.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -51,9 +52,10 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from specexec_app.core.kvcache import CACHE_ARG, GrowingLayer
+from specexec_app.core.kvcache import CACHE_ARG, GrowingLayer, growing
 from specexec_app.core.lm import ROWS_ALONE
 
+from . import native
 from .kernels import KERNEL_DTYPE, KernelLinear, KernelSlice
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # Llama's layers (Qwen2's with q/k/v biases)
@@ -67,11 +69,11 @@ def _matmul(linear: KernelLinear):
     """a [n, in] in bf16 (the kernels' input) -> [n, out] with `linear`'s weights: one int4 kernel
     call, its bf16 output as it comes, when `linear` is a single 4-bit term; else its own forward
     (its terms summed in float32). Either output is what KernelLinear gives in float32, as bf16
-    widens to float32 exactly."""
+    widens to float32 exactly. Returns the function and whether its output is bf16."""
     if len(linear.groups) == 1 and not linear.int8 and linear.bias is None:
         packed, scales, group = linear.packed0, linear.scales_zeros0, linear.groups[0]
-        return lambda a: torch._weight_int4pack_mm_for_cpu(a, packed, group, scales)
-    return lambda a: linear(a.float())
+        return (lambda a: torch._weight_int4pack_mm_for_cpu(a, packed, group, scales)), True
+    return (lambda a: linear(a.float())), False
 
 
 def _fused(names, parent):
@@ -129,7 +131,8 @@ for _name, _function in ((LEAN_SDPA, _lean_sdpa), (FLOAT64_SDPA, _sdpa_float64))
 
 def _lean_layers(model) -> list[tuple] | None:
     """Per decoder layer, what the lean forward computes with (norm weights and epsilons, the
-    kernel matmuls, the attention scale); None where a layer is not one it takes."""
+    kernel matmuls, the attention scale, whether each matmul's output is bf16); None where a
+    layer is not one it takes."""
     config = model.config
     if config.model_type not in ARCHITECTURES or getattr(config, "hidden_act", "silu") != "silu" \
             or getattr(config, "mlp_bias", False) or getattr(config, "use_sliding_window", False) \
@@ -150,9 +153,11 @@ def _lean_layers(model) -> list[tuple] | None:
         if any(type(n).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
                for n in norms):
             return None
-        layers.append((norms[0].weight, norms[0].variance_epsilon, _matmul(qkv), _matmul(attn.o_proj),
-                       norms[1].weight, norms[1].variance_epsilon, _matmul(gate_up),
-                       _matmul(mlp.down_proj), attn.scaling))
+        (f_qkv, b_qkv), (f_out, b_out), (f_gu, b_gu), (f_down, b_down) = (
+            _matmul(m) for m in (qkv, attn.o_proj, gate_up, mlp.down_proj))
+        layers.append((norms[0].weight, norms[0].variance_epsilon, f_qkv, f_out,
+                       norms[1].weight, norms[1].variance_epsilon, f_gu, f_down, attn.scaling,
+                       (b_qkv, b_out, b_gu, b_down)))
     return layers
 
 
@@ -189,6 +194,13 @@ def install(model) -> bool:
     model.forward = types.MethodType(forward, model)
     setattr(model, ROWS_ALONE, True)
     return True
+
+
+def own_arithmetic(model) -> bool:
+    """Whether the engine's calls on `model` compute other bits than transformers' layers (its
+    `generate`): the lean forward with the fused C steps, whose RMSNorm sums in another order.
+    Its greedy output is then its own one-token greedy output, not generate's bit for bit."""
+    return bool(getattr(model, ROWS_ALONE, False)) and native.library() is not None
 
 
 def _alone_plan(mask: torch.Tensor, n: int, first: int) -> list[tuple[int, int, int, list[int]]]:
@@ -229,31 +241,65 @@ def _attend_alone(q, k, v, plan, o_heads, scale, gqa) -> None:
 
 
 def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, cache, keep, alone):
-    """The arithmetic of transformers' layers (with `_lean_sdpa`) bit for bit, in fewer ops:
-    the residual stream [n, hidden] updated in place, RMSNorm as torch's own (the same
-    arithmetic in one call) written into the kernels' bf16 input, q and k rotated together with
-    rotate_half's sign moved onto the sine ((-a) * b == a * (-b) exactly), values widened as they
-    are written into the cache, attention's output rounded to bf16 as it is laid out for o_proj,
-    and kernel outputs added without a float32 copy. Rows from `alone` on attend alone, the rows
-    before together (None: a lone row alone, several together; the module's docstring)."""
+    """The arithmetic of transformers' layers (with `_lean_sdpa`), in fewer ops: the residual
+    stream [n, hidden] updated in place, RMSNorm written into the kernels' bf16 input, q and k
+    rotated together, values widened as they are written into the cache, attention's output
+    rounded to bf16 as it is laid out for o_proj, kernel outputs added without a float32 copy.
+    The steps between the kernels are the C loops of `offload.native` where they built
+    (`_native_layers`), else torch's operators (`_torch_layers`, transformers' arithmetic bit
+    for bit). Rows from `alone` on attend alone, the rows before together (None: a lone row
+    alone, several together; the module's docstring)."""
     n = ids.shape[1]
     x = model.model.embed_tokens(ids)[0].clone()              # [n, hidden] float32, ours
-    hidden, k_end, half = x.shape[-1], (heads + kv_heads) * head_dim, head_dim // 2
     cos, sin = model.model.rotary_emb(x[None], pos)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
     together = (n if n > 1 else 0) if alone is None else alone
     lone = n == 1 and not together  # one row alone: it sees every key, one SDPA call
     plan = _alone_plan(mask, n, together) if together < n and not lone else None
     if together and mask is not None:  # those rows' mask over the keys up to them, for float64
         mask = mask[..., :together, :mask.shape[-1] - n + together].to(ATTENTION_DTYPE)
-    gqa = kv_heads != heads
-    a = torch.empty_like(x, dtype=KERNEL_DTYPE)               # the matmuls' bf16 inputs
-    m = torch.empty(n, inter, dtype=KERNEL_DTYPE)
-    o = torch.empty(n, heads, head_dim, dtype=KERNEL_DTYPE)   # attention's output, o_proj's input
-    o_heads, o_rows = o[None].transpose(1, 2), o.view(n, -1)  # [1, heads, n, d], [n, hidden]
+    attend = functools.partial(_attend, together=together, mask=mask, lone=lone, plan=plan,
+                               gqa=kv_heads != heads)
+    lib = native.library()
+    if lib is not None and growing(cache, len(layers)):
+        _native_layers(lib, x, cos[0].contiguous(), sin[0].contiguous(), layers, cache, heads,
+                       kv_heads, head_dim, inter, attend)
+    else:
+        _torch_layers(x, cos, sin, layers, cache, heads, kv_heads, head_dim, inter, attend)
+    x = model.model.norm(x[None, -keep:] if keep else x[None])
+    return CausalLMOutputWithPast(logits=model.lm_head(x), **{CACHE_ARG: cache})
 
-    for i, (w1, eps1, qkv, out, w2, eps2, gate_up, down, scale) in enumerate(layers):
+
+def _attend(q, k, v, o_heads, scale, *, together, mask, lone, plan, gqa) -> None:
+    """Attention of q [1, heads, n, d] over the cache's k and v [1, kv_heads, past + n, d] into
+    o_heads [1, heads, n, d]: rows before `together` together under `mask` in float64, then a
+    lone row as one SDPA call over every key, or the rows of `plan` alone."""
+    if together:
+        end = k.shape[-2] - q.shape[-2] + together
+        o_heads[:, :, :together].copy_(F.scaled_dot_product_attention(
+            q[:, :, :together].to(ATTENTION_DTYPE), k[..., :end, :].to(ATTENTION_DTYPE),
+            v[..., :end, :].to(ATTENTION_DTYPE), attn_mask=mask, scale=scale, enable_gqa=gqa))
+    if lone:  # (the call `_attend_alone` makes for a row whose keys are all in place)
+        o_heads.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa))
+    elif plan:
+        _attend_alone(q, k, v, plan, o_heads, scale, gqa)
+
+
+def _buffers(n, hidden, heads, head_dim, inter):
+    """The matmuls' bf16 inputs [n, hidden] and [n, inter]; attention's output [n, heads, d]
+    (o_proj's input) as [1, heads, n, d] and [n, hidden]."""
+    o = torch.empty(n, heads, head_dim, dtype=KERNEL_DTYPE)
+    return (torch.empty(n, hidden, dtype=KERNEL_DTYPE), torch.empty(n, inter, dtype=KERNEL_DTYPE),
+            o[None].transpose(1, 2), o.view(n, -1))
+
+
+def _torch_layers(x, cos, sin, layers, cache, heads, kv_heads, head_dim, inter, attend) -> None:
+    """The layers with torch's operators: RMSNorm as torch's own, q and k rotated with
+    rotate_half's sign moved onto the sine ((-a) * b == a * (-b) exactly)."""
+    n, hidden, k_end, half = x.shape[0], x.shape[1], (heads + kv_heads) * head_dim, head_dim // 2
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
+    a, m, o_heads, o_rows = _buffers(n, hidden, heads, head_dim, inter)
+    for i, (w1, eps1, qkv, out, w2, eps2, gate_up, down, scale, _) in enumerate(layers):
         a.copy_(torch.rms_norm(x, (hidden,), w1, eps1))
         y = qkv(a)
         t = y[:, :k_end].view(1, n, heads + kv_heads, head_dim).transpose(1, 2)
@@ -264,21 +310,39 @@ def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, ca
             k, v = layer.update(qk[:, heads:], v)
         else:
             k, v = cache.update(qk[:, heads:], v.float(), i)
-        if together:
-            end = k.shape[-2] - n + together
-            o_heads[:, :, :together].copy_(F.scaled_dot_product_attention(
-                qk[:, :heads, :together].to(ATTENTION_DTYPE), k[..., :end, :].to(ATTENTION_DTYPE),
-                v[..., :end, :].to(ATTENTION_DTYPE), attn_mask=mask, scale=scale,
-                enable_gqa=gqa))
-        if lone:  # (the call `_attend_alone` makes for a row whose keys are all in place)
-            o_heads.copy_(F.scaled_dot_product_attention(qk[:, :heads], k, v, scale=scale,
-                                                         enable_gqa=gqa))
-        elif plan:
-            _attend_alone(qk[:, :heads], k, v, plan, o_heads, scale, gqa)
+        attend(qk[:, :heads], k, v, o_heads, scale)
         x.add_(out(o_rows))
         a.copy_(torch.rms_norm(x, (hidden,), w2, eps2))
         gu = gate_up(a)
         g = F.silu(gu[:, :inter].float(), inplace=True)
         x.add_(down(torch.mul(g, gu[:, inter:], out=m)))
-    x = model.model.norm(x[None, -keep:] if keep else x[None])
-    return CausalLMOutputWithPast(logits=model.lm_head(x), **{CACHE_ARG: cache})
+
+
+def _native_layers(lib, x, cos, sin, layers, cache, heads, kv_heads, head_dim, inter,
+                   attend) -> None:
+    """The layers with the C loops of `offload.native` between the kernels (cos and sin [n, d]):
+    each layer's second norm follows o_proj's add in one call, and the next layer's first norm
+    the MLP's. Keys and values are written into room made in the cache (`GrowingLayer.extend`)."""
+    n, hidden = x.shape
+    a, m, o_heads, o_rows = _buffers(n, hidden, heads, head_dim, inter)
+    q = torch.empty(1, heads, n, head_dim)
+    xp, ap, mp, qp, cp, sp = (t.data_ptr() for t in (x, a, m, q, cos, sin))
+    shape, cpu = (1, kv_heads, n, head_dim), x.device
+    lib.specexec_rms_bf16(xp, layers[0][0].data_ptr(), ap, n, hidden, layers[0][1])
+    for i, (_, _, qkv, out, w2, eps2, gate_up, down, scale, bf) in enumerate(layers):
+        if i == len(cache.layers):
+            cache.layers.append(cache.layer_class_to_replicate())
+        room_k, room_v, past = cache.layers[i].extend(shape, head_dim, x.dtype, cpu)
+        y = qkv(a)
+        lib.specexec_rope_write(y.data_ptr(), bf[0], cp, sp, qp, room_k.data_ptr(),
+                                room_v.data_ptr(), n, heads, kv_heads, head_dim,
+                                room_k.shape[-2], past)
+        attend(q, cache.layers[i].keys, cache.layers[i].values, o_heads, scale)
+        z = out(o_rows)  # (held while C reads it: a pointer does not keep a tensor alive)
+        lib.specexec_add_rms_bf16(xp, z.data_ptr(), bf[1], w2.data_ptr(), ap, n, hidden, eps2)
+        gu = gate_up(a)
+        lib.specexec_silu_mul_bf16(gu.data_ptr(), bf[2], mp, n, inter)
+        z, last = down(m), i + 1 == len(layers)
+        lib.specexec_add_rms_bf16(xp, z.data_ptr(), bf[3],
+                                  None if last else layers[i + 1][0].data_ptr(), ap, n, hidden,
+                                  0.0 if last else layers[i + 1][1])

@@ -31,27 +31,35 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         """Append the new entries; values are stored in the keys' dtype (the CPU's lean forward
         hands its bf16 kernel output over as it is, widened exactly as it is written)."""
+        room_k, room_v, n = self.extend(key_states.shape, value_states.shape[-1],
+                                        key_states.dtype, key_states.device)
+        room_k[..., n:n + key_states.shape[-2], :] = key_states
+        room_v[..., n:n + key_states.shape[-2], :] = value_states
+        return self.keys, self.values
+
+    def extend(self, shape, value_dim: int, dtype: torch.dtype, device: torch.device):
+        """Room for shape[-2] more entries (keys `shape`, values `value_dim` wide a head), which
+        the keys and values now end with, for the caller to write. Returns the buffers (whole:
+        contiguous, [..., room, dim]) and the position of the first new entry."""
         if not self.is_initialized:
-            self.lazy_initialization(key_states, key_states)
+            empty = torch.empty(0, dtype=dtype, device=device)
+            self.lazy_initialization(empty, empty)
             self.room_k = self.room_v = None
-        n, add = self.get_seq_length(), key_states.shape[-2]
+        n, add = self.get_seq_length(), shape[-2]
         # The views truncate() and the commit leave are still views of the buffers' start.
         if self.room_k is None or n + add > self.room_k.shape[-2] or \
                 (n and self.keys.data_ptr() != self.room_k.data_ptr()):
             size = max(MIN_ROOM, 2 * (n + add))
             if self.limit:
                 size = max(n + add, min(size, self.limit))
-            shape = (*key_states.shape[:-2], size, key_states.shape[-1])
-            room_k = key_states.new_empty(shape)
-            room_v = key_states.new_empty((*shape[:-1], value_states.shape[-1]))
+            room_k = torch.empty((*shape[:-2], size, shape[-1]), dtype=dtype, device=device)
+            room_v = torch.empty((*shape[:-2], size, value_dim), dtype=dtype, device=device)
             if n:
                 room_k[..., :n, :] = self.keys
                 room_v[..., :n, :] = self.values
             self.room_k, self.room_v = room_k, room_v
-        self.room_k[..., n:n + add, :] = key_states
-        self.room_v[..., n:n + add, :] = value_states
         self.keys, self.values = self.room_k[..., :n + add, :], self.room_v[..., :n + add, :]
-        return self.keys, self.values
+        return self.room_k, self.room_v, n
 
     def reset(self) -> None:
         self.room_k = self.room_v = None
@@ -64,6 +72,14 @@ def new_cache(limit: int | None = None) -> DynamicCache:
     cache = DynamicCache()
     cache.layer_class_to_replicate = functools.partial(GrowingLayer, limit)
     return cache
+
+
+def growing(cache: DynamicCache, count: int) -> bool:
+    """Whether `cache`'s first `count` layers are GrowingLayers, or will be as they are made."""
+    make = cache.layer_class_to_replicate
+    made = make is GrowingLayer or getattr(make, "func", None) is GrowingLayer
+    return all(isinstance(layer, GrowingLayer) for layer in cache.layers[:count]) and \
+        (len(cache.layers) >= count or made)
 
 
 def cache_len(cache: DynamicCache) -> int:

@@ -17,7 +17,7 @@ from drafts.distilled import is_distilled, load_draft
 from specexec_app.core import engine
 from specexec_app.errors import UserError
 from specexec_app.core.text import encode_chat
-from specexec_app.core.lm import DEFAULT_CONTEXT, Target, model_device
+from specexec_app.core.lm import DEFAULT_CONTEXT, ROWS_ALONE, Target, model_device
 from specexec_app.loading.checkpoint import check_checkpoint
 from specexec_app.loading.hf import (WEIGHTLESS, check_same_tokenizer, draft_gpu_bytes,
                                      load_model, load_tokenizer, stop_ids)
@@ -60,8 +60,18 @@ class Pipeline:
         if self.target.placement is None:
             from offload.kernels import KernelLinear
 
-            packed = any(isinstance(m, KernelLinear) for m in self.target.model.modules())
-            return f"resident on {self.target.device}" + (", packed CPU kernels" if packed else "")
+            model = self.target.model
+            text = f"resident on {self.target.device}"
+            if not any(isinstance(m, KernelLinear) for m in model.modules()):
+                return text
+            from offload import native
+            from offload.cpu_forward import own_arithmetic
+
+            if own_arithmetic(model):
+                return text + ", packed CPU kernels, fused C steps"
+            lean = getattr(model, ROWS_ALONE, False) and native.why()
+            return text + ", packed CPU kernels" + (f" (no fused C steps: {native.why()})"
+                                                    if lean else "")
         from offload.model import describe
 
         return describe(self.target.placement)

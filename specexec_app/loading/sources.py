@@ -15,11 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
-
 from specexec_app.errors import UserError
 from specexec_app.files import remove_orphans, replace_folder, temp_folder
-from specexec_app.paths import DRAFT_WEIGHTS
+from specexec_app.paths import DRAFT_WEIGHTS, cache_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
 
@@ -45,10 +43,6 @@ class ModelSource:
     @property
     def gguf_path(self) -> Path | None:
         return Path(self.path) / self.gguf_file if self.gguf_file else None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPECEXEC_HOME") or platformdirs.user_cache_dir("specexec"))
 
 
 def smollm2_gguf() -> Path:

@@ -1,0 +1,122 @@
+"""The CPU lean forward's fused steps (`fused.c`), built with the machine's C compiler.
+
+A one-token pass of a small model on a CPU spends much of its time in ~20 small torch operator
+calls a layer around the kernels (RMSNorm alone is ~8); one C loop for each of those steps cut
+a pass of SmolLM2-135M from ~6.0 to ~5.0 ms on 2 cores (docs/BENCHMARKS.md). The source is
+plain C with no torch headers: it builds in a fraction of a second (`cc -O3 -shared`, for the
+machine's architecture in general, no -march=native), once per version of the source and
+compiler, into the cache folder (SPECEXEC_HOME, or the user's cache folder), written under a
+temporary name and renamed into place; the library is loaded with ctypes. Where no compiler
+works (or SPECEXEC_NATIVE=0), `library()` is None and the lean forward runs torch's operators,
+exact all the same (offload/cpu_forward.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from specexec_app.paths import cache_dir
+
+SOURCE = Path(__file__).with_name("fused.c")
+# -ffp-contract=off: every product and sum rounds to float32 as torch's do (no fused multiply-add).
+FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
+P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+SIGNATURES = {
+    "specexec_rms_bf16": [P, P, P, I, I, F],
+    "specexec_add_rms_bf16": [P, P, I, P, P, I, I, F],
+    "specexec_rope_write": [P, I, P, P, P, P, P, I, I, I, I, I, I],
+    "specexec_silu_mul_bf16": [P, I, P, I, I],
+}
+
+_loaded: dict[str, object] = {}  # "lib": the CDLL or None, "why": why it is None
+
+
+class BuildError(Exception):
+    """The compiler refused the source (its last line of errors)."""
+
+
+def compiler() -> str | None:
+    """The C compiler: $CC, else cc, gcc or clang on the PATH."""
+    named = os.environ.get("CC")
+    if named:
+        return shutil.which(named.split()[0]) and named
+    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def build(cc: str, folder: Path) -> Path:
+    """The library for this source, compiler and architecture in `folder`, built if missing."""
+    version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, platform.machine(),
+                                    *FLAGS]).encode()).hexdigest()[:16]
+    out = folder / f"fused-{key}.so"
+    if out.is_file():
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".fused-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc.split(), *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise BuildError((done.stderr.strip().splitlines() or ["failed"])[-1])
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def library():
+    """The fused steps as a ctypes library, or None (`why()` says why); built and loaded once
+    a process."""
+    if "lib" in _loaded:
+        return _loaded["lib"]
+    lib, why = None, ""
+    if os.environ.get("SPECEXEC_NATIVE", "1") == "0":
+        why = "SPECEXEC_NATIVE=0"
+    elif (cc := compiler()) is None:
+        why = "no C compiler (cc, gcc or clang; or $CC)"
+    else:
+        try:
+            private = None
+            try:
+                path = build(cc, cache_dir() / "native")
+            except OSError:  # the cache folder cannot be written: this process's own copy
+                private = tempfile.mkdtemp(prefix="specexec-native-")
+                path = build(cc, Path(private))
+            try:
+                lib = ctypes.CDLL(str(path))
+            finally:  # (a loaded library stays mapped when its file goes)
+                if private:
+                    shutil.rmtree(private, ignore_errors=True)
+            for name, args in SIGNATURES.items():
+                getattr(lib, name).argtypes = args
+                getattr(lib, name).restype = None
+        except (BuildError, OSError, subprocess.SubprocessError, AttributeError) as e:
+            lib, why = None, f"the C build failed: {e}"
+    _loaded.update(lib=lib, why=why)
+    return lib
+
+
+def why() -> str:
+    """Why `library()` is None ('' when it is not, or not asked yet)."""
+    return str(_loaded.get("why", ""))
+
+
+@contextlib.contextmanager
+def off():
+    """Inside: `library()` is None, so the lean forward runs torch's operators (comparisons)."""
+    saved = dict(_loaded)
+    _loaded.update(lib=None, why="switched off")
+    try:
+        yield
+    finally:
+        _loaded.clear()
+        _loaded.update(saved)
