@@ -1,6 +1,7 @@
 """The default model's decode speed on this CPU, side by side in one run (issue: the CPU as a
-compute device): specexec on the packed kernels one token per pass, specexec with the default
-drafter (what `specexec run` does), specexec on the float32 weights (`--quant 16`, the path
+compute device): specexec on the packed kernels one token per pass and with the default drafter
+(what `specexec run` does), each with the fused C steps between the kernels (`offload.native`,
+where a C compiler builds them) and with torch's operators there, specexec on the float32 weights (`--quant 16`, the path
 before the kernels), transformers' `generate` on the same GGUF (dequantized to float32 by
 transformers), and llama.cpp on the same GGUF file (when `llama_cpp` imports: `pip install
 llama-cpp-python` builds it). Greedy, the same chat-templated token ids for all, Spec-Bench
@@ -10,8 +11,7 @@ Decode tokens/s leaves the prompt's prefill out for every system: specexec's own
 after the first pass), transformers' generate timed to `--new` tokens minus its time to one
 token, llama.cpp's own eval counters (`llama_perf_context`: its decode time, no Python).
 
-The rows on the packed kernels (one token a pass and the default drafter) and llama.cpp run
-interleaved: prompt by prompt, each system in turn (the
+The rows on the packed kernels and llama.cpp run interleaved: prompt by prompt, each system in turn (the
 order rotating), for `--rounds` rounds, so that a virtual machine whose speed drifts by 20-30 %
 within minutes (ours does) moves them all alike. The other rows run once, after them.
 
@@ -21,6 +21,7 @@ within minutes (ours does) moves them all alike. The other rows run once, after 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -135,6 +136,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from drafts import NgramDrafter
+    from offload import native
     from specexec_app.config.settings import resolve
     from specexec_app.loading.hf import load_model
     from specexec_app.loading.session import build
@@ -151,11 +153,16 @@ def main() -> None:
     none, ngram = NgramDrafter(min_ngram=10**6), pipe.drafter  # none proposes: one token a pass
     specexec_rate(pipe, none, prompts[:1], 8, 1)  # warm-up
     llm = llama_model(smollm2_gguf(), args.threads)
-    # name -> (drafter, budget) or None for llama.cpp
-    systems = {
-        "specexec, packed kernels, one token per pass": (none, 1),
-        f"specexec, packed kernels, default drafter ({config.load.draft}, budget {default})":
-            (ngram, default)}
+    # name -> (drafter, budget, with the fused C steps) or None for llama.cpp
+    drafted = f"default drafter ({config.load.draft}, budget {default})"
+    systems = {}
+    if native.library() is None:
+        print(f"the fused C steps left out: {native.why()}")
+    else:
+        systems.update({"specexec, packed kernels + fused C steps, one token per pass": (none, 1, True),
+                        f"specexec, packed kernels + fused C steps, {drafted}": (ngram, default, True)})
+    systems.update({"specexec, packed kernels + torch operators, one token per pass": (none, 1, False),
+                    f"specexec, packed kernels + torch operators, {drafted}": (ngram, default, False)})
     if llm is None:
         print("llama.cpp left out: llama_cpp does not import (`pip install llama-cpp-python` builds it)")
     else:
@@ -173,7 +180,8 @@ def main() -> None:
                 if spec is None:
                     llama_one(llm, ids, args.new, tallies[name], i)
                     continue
-                specexec_one(pipe, spec[0], ids, args.new, spec[1], tallies[name], i)
+                with contextlib.nullcontext() if spec[2] else native.off():
+                    specexec_one(pipe, spec[0], ids, args.new, spec[1], tallies[name], i)
         print(f"round {r + 1} of {args.rounds} done", flush=True)
     results = {name: t.result() for name, t in tallies.items()}
     llama = results.pop(names[-1]) if llm is not None else None

@@ -4,10 +4,15 @@ the CPU kernels' form.
 On a CPU, with weights computed by the packed kernels (`offload.kernels`), a one-token pass of a
 small model is mostly Python: transformers' layer code makes ~15 module calls a layer, builds its
 mask and position arguments, and dispatches attention through its interface. This forward does
-the same arithmetic as transformers' Llama layers (RMSNorm in float32, the rotary embedding from
-the model's own rotary module, SDPA with the key/value heads shared, SiLU MLP) in a plain loop
-over per-layer tensors gathered once: on SmolLM2-135M, 2 cores, a one-token pass took 6.3 ms
-instead of 8.7 ms (docs/BENCHMARKS.md, run 2).
+the same arithmetic as transformers' Llama layers (RMSNorm, the rotary embedding from the
+model's own rotary module, SDPA with the key/value heads shared, SiLU MLP) in a plain loop over
+per-layer tensors gathered once: on SmolLM2-135M, 2 cores, a one-token pass took 6.3 ms instead
+of 8.7 ms (docs/BENCHMARKS.md, run 2). Between the kernel calls, the small steps (RMSNorm into
+the kernels' bf16 input, the rotary embedding and the cache writes, SiLU(gate) * up, the
+residual adds) are C loops (`offload.native`, built with the machine's compiler) where one
+builds, ~20 fewer torch operator calls a layer (~1 ms less a one-token pass, run 6); else
+torch's operators, with the same bits. RMSNorm is `rms_norm` on every path, transformers'
+layers too (its sum of squares in float64: a float32 sum's order differs between torch and C).
 
 Exactness. The kernels take bf16 inputs, so a difference in the last float32 bit of a layer's
 attention can round a bf16 input the other way and, over 30 layers, move the logits by 0.1-0.4;
@@ -59,6 +64,7 @@ from . import native
 from .kernels import KERNEL_DTYPE, KernelLinear, KernelSlice
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # Llama's layers (Qwen2's with q/k/v biases)
+NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 ATTENTION_DTYPE = torch.float64  # the arithmetic of rows that attend together (see above)
 # The arguments of the engine's calls (`core.lm.run`); a call with any other goes to transformers.
 ENGINE_CALL = {"input_ids", "position_ids", "attention_mask", "past_key_values", "cache",
@@ -129,6 +135,23 @@ for _name, _function in ((LEAN_SDPA, _lean_sdpa), (FLOAT64_SDPA, _sdpa_float64))
     AttentionMaskInterface.register(_name, sdpa_mask)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of float32 rows as every path of a lean-forward model computes it (the fused C
+    step, torch's operators, transformers' layers in its `generate`: `install`): the sum of
+    squares in float64, rounded to float32 (a float32 sum depends on its order, which differs
+    between torch's vectorised one and a C loop; the float64 sums of any order round to the same
+    float32 but about once in 1e12), then x * rsqrt(mean + eps) * weight in float32 (rsqrt:
+    1 / sqrt, both correctly rounded, which C's is too)."""
+    mean = x.double().square().sum(-1, keepdim=True).float() / x.shape[-1]
+    return x * torch.rsqrt(mean + eps) * weight  # (torch.sqrt is not correctly rounded here)
+
+
+def _own_norm(norm: torch.nn.Module) -> None:
+    """`norm` (a Llama-type RMSNorm module) computes `rms_norm` from now on."""
+    weight, eps = norm.weight, norm.variance_epsilon
+    norm.forward = lambda hidden: rms_norm(hidden.float(), weight, eps).to(hidden.dtype)
+
+
 def _lean_layers(model) -> list[tuple] | None:
     """Per decoder layer, what the lean forward computes with (norm weights and epsilons, the
     kernel matmuls, the attention scale, whether each matmul's output is bf16); None where a
@@ -150,8 +173,7 @@ def _lean_layers(model) -> list[tuple] | None:
                 or attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
             return None  # (q, k and v may have biases: Qwen2's)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        if any(type(n).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
-               for n in norms):
+        if any(type(n).__name__ not in NORMS for n in norms):
             return None
         (f_qkv, b_qkv), (f_out, b_out), (f_gu, b_gu), (f_down, b_down) = (
             _matmul(m) for m in (qkv, attn.o_proj, gate_up, mlp.down_proj))
@@ -165,8 +187,8 @@ def install(model) -> bool:
     """For `model` (a causal LM on the CPU whose matrices are in the kernels' form): the lean
     forward when every decoder layer is a Llama layer with its q/k/v and gate/up fused and no
     bias, and transformers' SDPA attention made exact for the calls that go through its layers
-    (`_lean_sdpa` beside the lean forward, else `_sdpa_float64`). Returns whether the lean
-    forward is in."""
+    (`_lean_sdpa` beside the lean forward, else `_sdpa_float64`), its RMSNorm modules computing
+    `rms_norm` as the lean forward does. Returns whether the lean forward is in."""
     config = model.config
     if not any(isinstance(m, KernelLinear) for m in model.modules()):
         return False  # float weights: float32 throughout, no bf16 rounding to magnify
@@ -175,6 +197,11 @@ def install(model) -> bool:
         model.set_attn_implementation(LEAN_SDPA if layers else FLOAT64_SDPA)
     if not layers:
         return False
+    for norm in (*(n for layer in model.model.layers
+                   for n in (layer.input_layernorm, layer.post_attention_layernorm)),
+                 model.model.norm):
+        if type(norm).__name__ in NORMS:
+            _own_norm(norm)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     original = model.forward
@@ -194,13 +221,6 @@ def install(model) -> bool:
     model.forward = types.MethodType(forward, model)
     setattr(model, ROWS_ALONE, True)
     return True
-
-
-def own_arithmetic(model) -> bool:
-    """Whether the engine's calls on `model` compute other bits than transformers' layers (its
-    `generate`): the lean forward with the fused C steps, whose RMSNorm sums in another order.
-    Its greedy output is then its own one-token greedy output, not generate's bit for bit."""
-    return bool(getattr(model, ROWS_ALONE, False)) and native.library() is not None
 
 
 def _alone_plan(mask: torch.Tensor, n: int, first: int) -> list[tuple[int, int, int, list[int]]]:
@@ -293,14 +313,14 @@ def _buffers(n, hidden, heads, head_dim, inter):
 
 
 def _torch_layers(x, cos, sin, layers, cache, heads, kv_heads, head_dim, inter, attend) -> None:
-    """The layers with torch's operators: RMSNorm as torch's own, q and k rotated with
-    rotate_half's sign moved onto the sine ((-a) * b == a * (-b) exactly)."""
+    """The layers with torch's operators: `rms_norm`, q and k rotated with rotate_half's sign
+    moved onto the sine ((-a) * b == a * (-b) exactly)."""
     n, hidden, k_end, half = x.shape[0], x.shape[1], (heads + kv_heads) * head_dim, head_dim // 2
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
     a, m, o_heads, o_rows = _buffers(n, hidden, heads, head_dim, inter)
     for i, (w1, eps1, qkv, out, w2, eps2, gate_up, down, scale, _) in enumerate(layers):
-        a.copy_(torch.rms_norm(x, (hidden,), w1, eps1))
+        a.copy_(rms_norm(x, w1, eps1))
         y = qkv(a)
         t = y[:, :k_end].view(1, n, heads + kv_heads, head_dim).transpose(1, 2)
         qk = t * cos + t.roll(half, -1) * sin
@@ -312,7 +332,7 @@ def _torch_layers(x, cos, sin, layers, cache, heads, kv_heads, head_dim, inter, 
             k, v = cache.update(qk[:, heads:], v.float(), i)
         attend(qk[:, :heads], k, v, o_heads, scale)
         x.add_(out(o_rows))
-        a.copy_(torch.rms_norm(x, (hidden,), w2, eps2))
+        a.copy_(rms_norm(x, w2, eps2))
         gu = gate_up(a)
         g = F.silu(gu[:, :inter].float(), inplace=True)
         x.add_(down(torch.mul(g, gu[:, inter:], out=m)))

@@ -71,8 +71,8 @@ def test_pty_session_question_command_interrupt_exit(tmp_path):
     child = spawn_chat("--max-new-tokens", "300", ignore_sigint=True)
     try:
         child.expect_exact(">>>")
-        child.sendline("What is the capital of France?")
-        child.expect("Paris")
+        child.sendline("What is the capital of Germany?")
+        child.expect("Berlin")
         child.expect(r"tok/s.*[0-9.]+ accepted/pass")  # the footer
         child.expect_exact(">>>")
         child.sendline("/stats")
@@ -98,7 +98,7 @@ def test_pty_session_question_command_interrupt_exit(tmp_path):
     assert child.exitstatus == 0, child.before
     messages = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
-    assert "Paris" in messages[1]["content"]
+    assert "Berlin" in messages[1]["content"]
     assert messages[3]["content"].strip()  # the interrupted reply keeps what was said
 
 
@@ -149,13 +149,14 @@ def test_multiline_set_and_turns_keep_the_conversation(pipe):
     assert len(r.history) == 2
 
 
-def test_reply_equals_the_target_greedy_output(pipe, model, chat_ids, tokenizer):
-    """What the REPL shows and keeps is the target's own greedy continuation."""
+def test_reply_equals_the_target_greedy_output(pipe, chat_ids, tokenizer):
+    """What the REPL shows and keeps is the target's own greedy continuation: transformers'
+    `generate` on the very model the chat runs (the GGUF on the packed CPU kernels)."""
     import torch
 
     r, _ = repl(pipe, ["What is the capital of France?"], max_new_tokens=20)
     ids = torch.tensor([chat_ids("What is the capital of France?")])
-    ref = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
+    ref = pipe.target.model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
     expected = tokenizer.decode(ref, skip_special_tokens=True)
     assert r.conv.turns[1]["content"] == expected
 

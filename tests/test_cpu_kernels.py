@@ -273,24 +273,21 @@ def test_greedy_specexec_on_the_kernels_is_their_own_greedy(kernel_model, tokeni
     assert saved > 0  # drafted tokens were accepted: the trees were not all rejected
 
 
-def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_ids):
+def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_ids, steps):
     """The engine's calls (positions, a causal mask or none for one row, a cache) go through the
-    lean forward (offload/cpu_forward.py), any other call through transformers' layers. With
-    torch's operators between the kernels both give the same logits, bit for bit (a prompt's
-    rows attend together in float64, one row alone in float32, on both paths), over a prompt and
-    then one row on the cache it left. With the fused C steps, RMSNorm sums its squares in
-    another order, which moves a bf16 input by a unit now and then: the logits follow within
-    that drift, the next token the same nearly everywhere."""
-    from offload import native
+    lean forward (offload/cpu_forward.py), any other call through transformers' layers; both give
+    the same logits, bit for bit, with the fused C steps or torch's operators between the kernels
+    (RMSNorm is `rms_norm` on every path; a prompt's rows attend together in float64, one row
+    alone in float32), over a prompt and then one row on the cache it left."""
     from specexec_app.core.kvcache import CACHE_ARG, TokenCache
     from specexec_app.core.lm import mask_dtype
     from specexec_app.core.tree import Tree, tree_inputs
 
     assert "forward" in vars(kernel_model)  # installed on the instance
     ids = chat_ids("Name the planets of the solar system in order.")
-
-    def logits(force_layers: bool) -> list[torch.Tensor]:
-        kv, out = TokenCache(), []
+    got, want = [], []
+    for force_layers, out in ((False, got), (True, want)):
+        kv = TokenCache()
         extra = {"return_dict": True} if force_layers else {}
         for pending, past in ((ids[:-1], 0), (ids[-1:], len(ids) - 1)):
             x, pos, mask = tree_inputs(pending, Tree(), past, mask_dtype(kernel_model),
@@ -300,22 +297,8 @@ def test_the_lean_forward_computes_what_the_layers_compute(kernel_model, chat_id
                 out.append(kernel_model(input_ids=x, position_ids=pos, attention_mask=mask,
                                         use_cache=True, **{CACHE_ARG: kv.cache},
                                         logits_to_keep=0, **extra).logits[0].float())
-        return out
-
-    with native.off():
-        got, want = logits(False), logits(True)
     for g, w in zip(got, want):
         assert g.shape == w.shape and torch.equal(g, w), (g - w).abs().max()
-    if native.library() is None:
-        return
-    fused = torch.cat(logits(False))
-    want = torch.cat(want)
-    assert not torch.equal(fused, want)  # (the C steps did run)
-    # (Measured: 1.5 % of the logits' spread on average, every next token the same; the packed
-    # weights against their float32 copy are allowed 10 %.)
-    drift = ((fused - want).abs() / want.std(dim=-1, keepdim=True)).mean()
-    assert drift < 0.05, drift
-    assert (fused.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
 
 
 def test_a_tree_pass_computes_what_one_token_passes_compute(kernel_model, chat_ids, steps):
@@ -535,12 +518,10 @@ def test_a_batch_of_two_goes_through_the_layers(kernel_model, chat_ids):
     from specexec_app.core.kvcache import CACHE_ARG, TokenCache
     from specexec_app.core.tree import Tree, tree_inputs
 
-    from offload import native
-
     ids = chat_ids("Name three colours.")
     x, pos, mask = tree_inputs(ids, Tree(), 0, torch.float32, torch.device("cpu"))
     outs = []
-    with torch.inference_mode(), native.off():  # (the fused steps follow within their drift)
+    with torch.inference_mode():
         for batch in (1, 2):
             outs.append(kernel_model(input_ids=x.expand(batch, -1), position_ids=pos.expand(batch, -1),
                                      attention_mask=mask.expand(batch, -1, -1, -1), use_cache=True,

@@ -65,13 +65,12 @@ class Pipeline:
             if not any(isinstance(m, KernelLinear) for m in model.modules()):
                 return text
             from offload import native
-            from offload.cpu_forward import own_arithmetic
 
-            if own_arithmetic(model):
+            if not getattr(model, ROWS_ALONE, False):  # (no lean forward: no fused steps)
+                return text + ", packed CPU kernels"
+            if native.library() is not None:
                 return text + ", packed CPU kernels, fused C steps"
-            lean = getattr(model, ROWS_ALONE, False) and native.why()
-            return text + ", packed CPU kernels" + (f" (no fused C steps: {native.why()})"
-                                                    if lean else "")
+            return text + f", packed CPU kernels (no fused C steps: {native.why()})"
         from offload.model import describe
 
         return describe(self.target.placement)

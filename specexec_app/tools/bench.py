@@ -25,7 +25,6 @@ import torch
 from transformers import GenerationConfig
 
 from drafts.chain import ChainDrafter, NoDraft
-from offload.cpu_forward import own_arithmetic
 
 from specexec_app.core.engine import Done, generate
 from specexec_app.files import write_atomic
@@ -36,7 +35,6 @@ QUICK_CATEGORIES = ["coding", "extraction", "summarization"]
 ALL_CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
                   "humanities", "translation", "summarization", "qa", "math_reasoning", "rag"]
 MODES = {"greedy": (0.0, 1.0), "t0.6": (0.6, 0.9)}
-OWN_NOTE = " (one token a pass: the CPU's fused steps round RMSNorm unlike transformers' layers)"
 
 Say = Callable[[str], None]
 
@@ -109,12 +107,10 @@ def hf_rows(model, encoded, modes: list[str], max_new: int, stop_ids: set[int]) 
 
 
 def run(pipe, prompts: list[tuple[str, str]], budgets: list[int], chains: list[int],
-        max_new: int, modes: list[str], say: Say, baseline: Callable,
-        reference: str = "hf-generate") -> list[dict]:
+        max_new: int, modes: list[str], say: Say, baseline: Callable) -> list[dict]:
     """Every method on every prompt in every mode: ours here, then transformers' `generate`
     through `baseline(encoded, modes, max_new)` (`hf_rows`, in this process or, for the
-    accelerate-offloaded baseline, in one of its own). Greedy rows are exact when their text is
-    the `reference` method's."""
+    accelerate-offloaded baseline, in one of its own)."""
     rows = []
     encoded = [(cat, pipe.encode(p)) for cat, p in prompts]
     # Warm up once (first calls allocate and pick kernels).
@@ -133,12 +129,10 @@ def run(pipe, prompts: list[tuple[str, str]], budgets: list[int], chains: list[i
     say("transformers generate")
     rows += baseline(encoded, modes, max_new)
     rows.sort(key=lambda r: (modes.index(r["mode"]), r["method"] != "hf-generate"))  # as tabled
-    texts = {(r["mode"], r["prompt"]): r["out"] for r in rows if r["method"] == reference}
-    for r in rows:  # greedy: is every method's text the reference's? (generate's own is not
-        ref = texts.get((r["mode"], r["prompt"]))  # judged against ours: not the same arithmetic)
-        judged = r["method"] != "hf-generate" or reference == "hf-generate"
-        r["exact"] = r.pop("out") == ref if r["mode"] == "greedy" and ref is not None and judged \
-            else None
+    reference = {(r["mode"], r["prompt"]): r["out"] for r in rows if r["method"] == "hf-generate"}
+    for r in rows:  # greedy: is every method's text generate's?
+        ref = reference.get((r["mode"], r["prompt"]))
+        r["exact"] = r.pop("out") == ref if r["mode"] == "greedy" and ref is not None else None
     return rows
 
 
@@ -237,22 +231,17 @@ def bench(pipe, out: Path, quick: bool, budgets: list[int], chains: list[int], m
         baseline = lambda *job: hf_rows(pipe.target.model, *job, pipe.stop_ids)  # noqa: E731
     else:  # offloaded: accelerate's baseline, once ours is freed
         baseline = lambda *job: accelerate_baseline(pipe, *job, notes=notes)  # noqa: E731
-    # On a CPU with the fused C steps the target computes its own arithmetic (RMSNorm's sum in
-    # another order than transformers' layers): exact means its own one-token greedy output.
-    reference = "ours-ar" if own_arithmetic(pipe.target.model) else "hf-generate"
-    rows = run(pipe, prompts, budgets, chains, max_new, modes, say, baseline, reference)
+    rows = run(pipe, prompts, budgets, chains, max_new, modes, say, baseline)
     summary = summarize(rows)
     meta = {"date": datetime.date.today().isoformat(), "machine": machine(pipe),
             "target": pipe.target_name, "draft": pipe.draft_name,
             "placement": pipe.placement_text(), "prompts": len(prompts),
             "categories": cats, "max_new_tokens": max_new, "budgets": budgets, "chains": chains,
-            "greedy_exact_against": reference,
             "figures": "all measured in this run on the models named here"}
     header = (f"SpecExec bench, {meta['date']}, {meta['machine']}: target {pipe.target_name}, "
               f"draft {pipe.draft_name}, {pipe.placement_text()}; {len(prompts)} Spec-Bench "
-              f"prompts ({', '.join(cats)}), {max_new} new tokens each; greedy exact against "
-              f"{reference}{OWN_NOTE if reference == 'ours-ar' else ''}; all "
-              "figures measured in this run.")
+              f"prompts ({', '.join(cats)}), {max_new} new tokens each; all figures measured "
+              "in this run.")
     write_atomic(out / "results.json", json.dumps(
         meta | {"summary": list(summary.values()), "runs": rows}, indent=1) + "\n")
     write_atomic(out / "results.md", markdown(summary, header))
