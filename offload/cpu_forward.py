@@ -10,7 +10,7 @@ per-layer tensors gathered once: on SmolLM2-135M, 2 cores, a one-token pass took
 of 8.7 ms (docs/BENCHMARKS.md, run 2). Between the kernel calls, the small steps (RMSNorm into
 the kernels' bf16 input, the rotary embedding and the cache writes, SiLU(gate) * up, the
 residual adds) are C loops (`offload.native`, built with the machine's compiler) where one
-builds, ~20 fewer torch operator calls a layer (~1 ms less a one-token pass, run 6); else
+builds, ~20 fewer torch operator calls a layer (~1.4 ms less a one-token pass, run 6); else
 torch's operators, with the same bits. RMSNorm is `rms_norm` on every path, transformers'
 layers too (its sum of squares in float64: a float32 sum's order differs between torch and C).
 
@@ -139,9 +139,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of float32 rows as every path of a lean-forward model computes it (the fused C
     step, torch's operators, transformers' layers in its `generate`: `install`): the sum of
     squares in float64, rounded to float32 (a float32 sum depends on its order, which differs
-    between torch's vectorised one and a C loop; the float64 sums of any order round to the same
-    float32 but about once in 1e12), then x * rsqrt(mean + eps) * weight in float32 (rsqrt:
-    1 / sqrt, both correctly rounded, which C's is too)."""
+    between torch's vectorised one and a C loop; float64 sums in two orders differ by ~1e-15 of
+    the sum, so they round to the same float32 but about once in 1e7 rows), then
+    x * rsqrt(mean + eps) * weight in float32 (rsqrt: 1 / sqrt, both correctly rounded, as C's
+    are). Each path sums a row the same way however many rows a call has: exactness, which
+    compares a path with itself, does not rest on the paths agreeing."""
     mean = x.double().square().sum(-1, keepdim=True).float() / x.shape[-1]
     return x * torch.rsqrt(mean + eps) * weight  # (torch.sqrt is not correctly rounded here)
 
@@ -266,9 +268,9 @@ def _forward(model, layers, heads, kv_heads, head_dim, inter, ids, pos, mask, ca
     rotated together, values widened as they are written into the cache, attention's output
     rounded to bf16 as it is laid out for o_proj, kernel outputs added without a float32 copy.
     The steps between the kernels are the C loops of `offload.native` where they built
-    (`_native_layers`), else torch's operators (`_torch_layers`, transformers' arithmetic bit
-    for bit). Rows from `alone` on attend alone, the rows before together (None: a lone row
-    alone, several together; the module's docstring)."""
+    (`_native_layers`), else torch's operators (`_torch_layers`): the same bits either way.
+    Rows from `alone` on attend alone, the rows before together (None: a lone row alone,
+    several together; the module's docstring)."""
     n = ids.shape[1]
     x = model.model.embed_tokens(ids)[0].clone()              # [n, hidden] float32, ours
     cos, sin = model.model.rotary_emb(x[None], pos)
