@@ -2,13 +2,13 @@
 
 A one-token pass of a small model on a CPU spends much of its time in ~20 small torch operator
 calls a layer around the kernels (RMSNorm alone is ~8); one C loop for each of those steps cut
-a one-token pass of SmolLM2-135M from 8.7 to 7.2 ms on 2 cores (docs/BENCHMARKS.md, run 6). The source is
-plain C with no torch headers: it builds in a fraction of a second (`cc -O3 -shared`, for the
-machine's architecture in general, no -march=native), once per version of the source and
-compiler, into the cache folder (SPECEXEC_HOME, or the user's cache folder), written under a
-temporary name and renamed into place; the library is loaded with ctypes. Where no compiler
-works (or SPECEXEC_NATIVE=0), `library()` is None and the lean forward runs torch's operators,
-exact all the same (offload/cpu_forward.py)."""
+a one-token pass of SmolLM2-135M from 8.7 to 7.2 ms on 2 cores (docs/BENCHMARKS.md, run 6).
+The source is plain C with no torch headers: it builds in a fraction of a second (`cc -O3
+-shared`, for the machine's architecture in general, no -march=native), once per version of
+the source and compiler, into the cache folder (SPECEXEC_HOME, or the user's cache folder),
+written under a temporary name and renamed into place; the library is loaded with ctypes.
+Where no compiler works (or SPECEXEC_NATIVE=0), `library()` is None and the lean forward runs
+torch's operators, with the same bits (offload/cpu_forward.py)."""
 
 from __future__ import annotations
 
