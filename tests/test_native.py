@@ -102,6 +102,15 @@ def test_built_once_into_the_cache_folder(fresh):
 
 
 @needs_cc
+def test_a_damaged_library_in_the_cache_is_built_again(fresh):
+    built = native.build(native.compiler(), fresh / "native")  # (built, not loaded)
+    built.unlink()
+    built.write_bytes(b"not a shared library")
+    assert native.library() is not None, native.why()
+    assert built.stat().st_size > 1000  # built again in its place
+
+
+@needs_cc
 def test_an_unwritable_cache_folder_builds_a_private_copy(fresh, monkeypatch):
     """(The private copy's folder is gone once the library is loaded.)"""
     import tempfile

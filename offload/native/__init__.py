@@ -73,6 +73,26 @@ def build(cc: str, folder: Path) -> Path:
     return out
 
 
+def _load(cc: str) -> ctypes.CDLL:
+    """The library built with `cc` (or found built) in the cache folder, built again when the
+    copy there does not load (damaged); this process's own copy when the folder cannot be
+    written (its file removed once loaded: a loaded library stays mapped)."""
+    folder = cache_dir() / "native"
+    try:
+        path = build(cc, folder)
+    except OSError:
+        private = tempfile.mkdtemp(prefix="specexec-native-")
+        try:
+            return ctypes.CDLL(str(build(cc, Path(private))))
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink()
+        return ctypes.CDLL(str(build(cc, folder)))
+
+
 def library():
     """The fused steps as a ctypes library, or None (`why()` says why); built and loaded once
     a process."""
@@ -85,17 +105,7 @@ def library():
         why = "no C compiler (cc, gcc or clang; or $CC)"
     else:
         try:
-            private = None
-            try:
-                path = build(cc, cache_dir() / "native")
-            except OSError:  # the cache folder cannot be written: this process's own copy
-                private = tempfile.mkdtemp(prefix="specexec-native-")
-                path = build(cc, Path(private))
-            try:
-                lib = ctypes.CDLL(str(path))
-            finally:  # (a loaded library stays mapped when its file goes)
-                if private:
-                    shutil.rmtree(private, ignore_errors=True)
+            lib = _load(cc)
             for name, args in SIGNATURES.items():
                 getattr(lib, name).argtypes = args
                 getattr(lib, name).restype = None
