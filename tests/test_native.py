@@ -4,6 +4,8 @@ no compiler, a failed build or SPECEXEC_NATIVE=0 leaves torch's operators, said 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,12 +104,34 @@ def test_built_once_into_the_cache_folder(fresh):
 
 
 @needs_cc
-def test_a_damaged_library_in_the_cache_is_built_again(fresh):
-    built = native.build(native.compiler(), fresh / "native")  # (built, not loaded)
+@pytest.mark.parametrize("damage", ["garbage", "cut", "other-build"])
+def test_a_damaged_library_in_the_cache_is_built_again_never_loaded(fresh, damage):
+    """A cut library would kill the process as it loads (SIGBUS), so a copy whose SHA-256 is
+    not the one noted at its build is built again before anything loads it."""
+    cc = native.compiler()
+    built = native.build(cc, fresh / "native")  # (built, not loaded)
+    whole = built.read_bytes()
     built.unlink()
-    built.write_bytes(b"not a shared library")
+    built.write_bytes({"garbage": b"not a shared library", "cut": whole[:len(whole) // 3],
+                       "other-build": whole[:-1] + bytes([whole[-1] ^ 1])}[damage])
     assert native.library() is not None, native.why()
-    assert built.stat().st_size > 1000  # built again in its place
+    assert built.read_bytes() == whole  # built again in its place
+
+
+@needs_cc
+def test_leftovers_of_stopped_builds_and_other_versions_are_cleared(fresh):
+    import time
+
+    folder = fresh / "native"
+    folder.mkdir()
+    stopped, recent, other = folder / ".fused-abc.so", folder / ".fused-def.so", folder / "fused-0123.so"
+    for f in (stopped, recent, other):
+        f.write_bytes(b"x")
+    hour_ago = time.time() - 7200
+    os.utime(stopped, (hour_ago, hour_ago))
+    native.build(native.compiler(), folder)
+    assert not stopped.exists() and not other.exists()
+    assert recent.exists()  # (perhaps another process's build under way)
 
 
 @needs_cc
@@ -125,17 +149,22 @@ def test_an_unwritable_cache_folder_builds_a_private_copy(fresh, monkeypatch):
 
 def test_no_compiler_a_failed_build_or_switched_off_leaves_torchs_operators(fresh, monkeypatch):
     monkeypatch.setenv("CC", "specexec-no-such-compiler")
-    assert native.library() is None and "no C compiler" in native.why()
+    assert native.library() is None
+    assert native.why() == "$CC (specexec-no-such-compiler) is not a command here"
 
     monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
-    assert native.library() is None and native.why().startswith("the C build failed")
-    assert not list((fresh / "native").glob("*.so"))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build, silently
+    assert native.library() is None and native.why() == "the C build failed: false exited with 1"
+    assert not list((fresh / "native").iterdir())
 
+    for value in ("0", "off", "False"):
+        monkeypatch.setattr(native, "_loaded", {})
+        monkeypatch.setenv("SPECEXEC_NATIVE", value)
+        assert native.library() is None and native.why() == f"SPECEXEC_NATIVE={value}"
+    monkeypatch.delenv("SPECEXEC_NATIVE")
     monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.delenv("CC")
-    monkeypatch.setenv("SPECEXEC_NATIVE", "0")
-    assert native.library() is None and native.why() == "SPECEXEC_NATIVE=0"
+    monkeypatch.setenv("CC", " ")  # empty: as if unset
+    assert native.library() is not None or native.compiler() is None, native.why()
 
 
 def test_off_switches_the_steps_off_and_back(lib):

@@ -18,8 +18,10 @@ import hashlib
 import os
 import platform
 import shutil
+import shlex
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from specexec_app.paths import cache_dir
@@ -43,54 +45,69 @@ class BuildError(Exception):
 
 
 def compiler() -> str | None:
-    """The C compiler: $CC, else cc, gcc or clang on the PATH."""
-    named = os.environ.get("CC")
+    """The C compiler: $CC (a command, with arguments if any), else cc, gcc or clang on the PATH;
+    None where there is none (`why()` then says which was looked for)."""
+    named = shlex.split(os.environ.get("CC", ""))
     if named:
-        return shutil.which(named.split()[0]) and named
+        return " ".join(named) if shutil.which(named[0]) else None
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def build(cc: str, folder: Path) -> Path:
-    """The library for this source, compiler and architecture in `folder`, built if missing."""
-    version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True,
+    """The library for this source, compiler and architecture in `folder`: the copy there when
+    it is whole (its SHA-256 the one noted when it was built: a cut or damaged file is never
+    loaded, which could kill the process), else built again. Leftovers go: temporary files of
+    builds stopped over an hour ago, libraries of other sources or compilers."""
+    version = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True,
                              timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, platform.machine(),
                                     *FLAGS]).encode()).hexdigest()[:16]
-    out = folder / f"fused-{key}.so"
-    if out.is_file():
-        return out
+    out, sums = folder / f"fused-{key}.so", folder / f"fused-{key}.sha256"
+    try:
+        if sums.read_text().strip() == _digest(out):
+            return out
+    except OSError:
+        pass
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*fused-*"):
+        stale = old.name.startswith(".") and time.time() - old.stat().st_mtime > 3600
+        if stale or not (old.name.startswith(".") or key in old.name):
+            old.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".fused-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([*cc.split(), *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+        done = subprocess.run([*shlex.split(cc), *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode:
-            raise BuildError((done.stderr.strip().splitlines() or ["failed"])[-1])
+            last = done.stderr.strip().splitlines() or [f"{cc} exited with {done.returncode}"]
+            raise BuildError(last[-1])
+        noted = Path(tmp).with_suffix(".sha256")
+        noted.write_text(_digest(Path(tmp)) + "\n")
+        os.replace(noted, sums)
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
+        Path(tmp).with_suffix(".sha256").unlink(missing_ok=True)
     return out
 
 
 def _load(cc: str) -> ctypes.CDLL:
-    """The library built with `cc` (or found built) in the cache folder, built again when the
-    copy there does not load (damaged); this process's own copy when the folder cannot be
-    written (its file removed once loaded: a loaded library stays mapped)."""
-    folder = cache_dir() / "native"
+    """The library built with `cc` (or found built) in the cache folder; this process's own
+    copy when the folder cannot be written (its file removed once loaded: a loaded library
+    stays mapped)."""
     try:
-        path = build(cc, folder)
+        path = build(cc, cache_dir() / "native")
     except OSError:
         private = tempfile.mkdtemp(prefix="specexec-native-")
         try:
             return ctypes.CDLL(str(build(cc, Path(private))))
         finally:
             shutil.rmtree(private, ignore_errors=True)
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError:
-        path.unlink()
-        return ctypes.CDLL(str(build(cc, folder)))
+    return ctypes.CDLL(str(path))
 
 
 def library():
@@ -99,10 +116,12 @@ def library():
     if "lib" in _loaded:
         return _loaded["lib"]
     lib, why = None, ""
-    if os.environ.get("SPECEXEC_NATIVE", "1") == "0":
-        why = "SPECEXEC_NATIVE=0"
+    switch = os.environ.get("SPECEXEC_NATIVE", "1")
+    if switch.strip().lower() in ("0", "off", "false", "no"):
+        why = f"SPECEXEC_NATIVE={switch}"
     elif (cc := compiler()) is None:
-        why = "no C compiler (cc, gcc or clang; or $CC)"
+        why = (f"$CC ({os.environ['CC']}) is not a command here" if os.environ.get("CC", "").strip()
+               else "no C compiler (cc, gcc or clang; or $CC)")
     else:
         try:
             lib = _load(cc)
