@@ -163,6 +163,9 @@ def test_no_compiler_a_failed_build_or_switched_off_leaves_torchs_operators(fres
         assert native.library() is None and native.why() == f"SPECEXEC_NATIVE={value}"
     monkeypatch.delenv("SPECEXEC_NATIVE")
     monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("CC", 'gcc "')  # an unclosed quote: named, not raised
+    assert native.library() is None and native.why() == """$CC (gcc ") is not a command here"""
+    monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("CC", " ")  # empty: as if unset
     assert native.library() is not None or native.compiler() is None, native.why()
 

@@ -47,7 +47,10 @@ class BuildError(Exception):
 def compiler() -> str | None:
     """The C compiler: $CC (a command, with arguments if any), else cc, gcc or clang on the PATH;
     None where there is none (`why()` then says which was looked for)."""
-    named = shlex.split(os.environ.get("CC", ""))
+    try:
+        named = shlex.split(os.environ.get("CC", ""))
+    except ValueError:  # (an unclosed quote)
+        return None
     if named:
         return " ".join(named) if shutil.which(named[0]) else None
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
