@@ -186,15 +186,13 @@ def steps(request):
     """The lean forward's steps between the kernels: the C loops of `offload.native` ("fused"),
     or torch's operators ("torch-ops"); each is exact by itself."""
     from offload import native
+    from test_native import built_or_skip
 
     if request.param == "torch-ops":
         with native.off():
             yield request.param
         return
-    if native.library() is None:
-        if native.compiler() is None:
-            pytest.skip("no C compiler: the fused steps do not build here")
-        pytest.fail(f"the fused steps did not build: {native.why()}")
+    built_or_skip()
     yield request.param
 
 

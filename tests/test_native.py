@@ -15,14 +15,20 @@ from offload import native
 needs_cc = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 
 
-@pytest.fixture
-def lib():
+def built_or_skip():
+    """The fused steps' library; the test skipped where no C compiler is, failed where one is
+    and the build did not work."""
     got = native.library()
     if got is None:
         if native.compiler() is None:
-            pytest.skip("no C compiler")
+            pytest.skip("no C compiler: the fused steps do not build here")
         pytest.fail(f"the fused steps did not build: {native.why()}")
     return got
+
+
+@pytest.fixture
+def lib():
+    return built_or_skip()
 
 
 @pytest.fixture
