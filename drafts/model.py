@@ -17,13 +17,17 @@ from .ngram import NgramDrafter
 
 # Host timing (benchmarks/draft_bench.py swaps in time.thread_time to be deaf to other load).
 CLOCK = time.perf_counter
-MIN_BATCH = 128  # nodes run per draft forward at least (or all that are left to run)
+MIN_BATCH = 128     # nodes run per draft forward at least (or all that are left to run) ...
+MIN_BATCH_CPU = 32  # ... on a CPU, where a forward's time grows with its rows
 
 
-def expand_batch(budget: int) -> int:
+def expand_batch(budget: int, device_type: str = "cuda") -> int:
     """Nodes run per draft forward at budget `budget`: the bulk of a 2048-node tree in about 11
-    forwards."""
-    return max(MIN_BATCH, budget // 8)
+    forwards. On a GPU a forward of 128 rows costs about what one of 32 does; on a CPU it costs
+    ~4x, and at small budgets most of the extra rows end outside the tree (measured with the
+    distilled draft, 3 Spec-Bench prompts, budget 256: 13 forwards either way, 0.20 s in them
+    with 128 a forward, 0.16 s with 32)."""
+    return max(MIN_BATCH_CPU if device_type == "cpu" else MIN_BATCH, budget // 8)
 
 
 HEAD_ROWS = 32  # rows of draft logits normalised at once
@@ -64,13 +68,15 @@ class ModelDrafter(Drafter):
     """Any small causal LM that shares the target's tokenizer.
 
     Each round ranks every node drafted so far, takes the best not-yet-run nodes among the best
-    `budget` (up to `expand_batch(budget)` of them), runs the draft once over all of them with a
-    tree mask on its KV cache, and adds each one's `top_k` children (one batched top-k). It stops
-    when no node within the best `budget` is left to run (no new child could then enter the
-    kept set: a child never scores above its parent), or after `max_forwards` forwards. The kept
-    tree is the best `budget` nodes of all that were scored. The tree stays on the draft's device
-    until it is final: a round's one host round trip is the count of nodes left to run. The KV
-    entries of run nodes that the target accepts are kept for the next call.
+    `budget` (up to `expand_batch(budget, device)` of them), runs the draft once over all of them
+    with a tree mask on its KV cache, and adds each one's `top_k` children (one batched top-k).
+    On a CPU, a head on the packed kernels gets a dense copy for these many-row forwards
+    (`dense_head`). It stops when no node within the best `budget` is left to run (no new child
+    could then enter the kept set: a child never scores above its parent), or after
+    `max_forwards` forwards. The kept tree is the best `budget` nodes of all that were scored.
+    The tree stays on the draft's device until it is final: a round's one host round trip is
+    the count of nodes left to run. The KV entries of run nodes that the target accepts are
+    kept for the next call.
 
     On CUDA the draft runs on a stream of its own, so that drafting on another thread
     (`--overlap`) does not queue behind the target's pass on the default stream; its forward
@@ -95,10 +101,11 @@ class ModelDrafter(Drafter):
                  max_forwards: int | None = None, threads: int | None = None,
                  seed: bool = True):
         use_fast_attention(model)
+        dense_head(model)
         self.model = model
         self.vocab_size = vocab_size  # ids past the shared tokenizer's vocabulary are never drafted
         self.top_k = top_k
-        self.expand_batch = expand_batch  # None: expand_batch(budget)
+        self.expand_batch = expand_batch  # None: expand_batch(budget, device)
         self.max_depth = max_depth
         self.max_forwards = max_forwards  # None: forward_cap(budget)
         self.stop_ids = stop_ids
@@ -227,7 +234,8 @@ class ModelDrafter(Drafter):
         k = ids.shape[1]
         grow.add(torch.arange(-1, m, device=self.device).repeat_interleave(k), ids.flatten(),
                  (base[:, None] + values).flatten())
-        batch, dtype = self.expand_batch or expand_batch(budget), mask_dtype(self.model)
+        batch = self.expand_batch or expand_batch(budget, self.device.type)
+        dtype = mask_dtype(self.model)
         cap = self.max_forwards or forward_cap(budget)
         while len(spans) < cap and budget > 0:
             best = grow.ranked(budget)
@@ -247,6 +255,29 @@ class ModelDrafter(Drafter):
         final, slots = grow.to_host(keep)
         self._last = (final, slots)
         return final
+
+
+DENSE_HEAD_MAX = 1 << 30  # bytes of a draft head's dense copy, at most (and 1/8 of free RAM)
+
+
+def dense_head(model) -> bool:
+    """Give a draft model whose head runs on the CPU's packed kernels a dense bf16 copy of it
+    for calls of many rows (`offload.kernels.ManyRows`: 5x faster for a batch of 128 rows), when
+    the copy fits DENSE_HEAD_MAX and an eighth of the free memory. Only the draft's reference
+    changes: a head shared with the target (a distilled draft's) stays as it is for the
+    target. Returns whether it did."""
+    import psutil
+
+    from offload.kernels import KernelLinear, ManyRows
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, KernelLinear):
+        return False
+    size = 2 * head.out_features * head.in_features
+    if size > min(DENSE_HEAD_MAX, psutil.virtual_memory().available // 8):
+        return False
+    model.set_output_embeddings(ManyRows(head))
+    return True
 
 
 def keep_freed_memory(limit: int = 512 << 20) -> bool:

@@ -75,9 +75,80 @@ class KernelLinear(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    def dense_weight(self, dtype: torch.dtype = torch.float32, chunk: int = 4096) -> torch.Tensor:
+        """W [out, in] in `dtype`, as the kernels see it (the terms' bf16 scales and zeros), made
+        `chunk` rows at a time so that the float32 temporaries stay small."""
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype)
+        chunk = max(PACK_BLOCK, chunk // PACK_BLOCK * PACK_BLOCK)  # whole packed blocks
+        for start in range(0, self.out_features, chunk):
+            end = min(start + chunk, self.out_features)
+            w = torch.zeros(end - start, self.in_features)
+            if self.int8:
+                w += self.q8[start:end].float() * self.scale8[start:end].float()[:, None]
+            for k, group in enumerate(self.groups):
+                codes = unpack_int4(getattr(self, f"packed{k}")[start:end], end - start,
+                                    self.in_features)
+                sz = getattr(self, f"scales_zeros{k}")[:, start:end].float()  # [in / group, rows, 2]
+                scale, zero = (sz[..., i].t().repeat_interleave(group, 1) for i in (0, 1))
+                w += (codes.float() - 8) * scale + zero
+            out[start:end] = w
+        return out
+
     def extra_repr(self) -> str:
         kind = "int8" if self.int8 else f"{len(self.groups)} x int4 (groups of {self.groups[0]})"
         return f"{self.in_features} -> {self.out_features}, {kind}"
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The codes [n, k] (0..15, uint8) that `_convert_weight_to_int4pack_for_cpu` packed into
+    `packed` [n, k / 2]: each whole block of PACK_BLOCK rows is [k, 32] bytes, row d of the
+    block in the low nibbles and row 32 + d in the high ones; the rows past the last whole block
+    are [k, r / 2] bytes, rows 2i and 2i + 1 in the low and high nibbles (torch 2.13's layout;
+    tests/test_cpu_kernels.py checks it against the packer)."""
+    full = n // PACK_BLOCK * PACK_BLOCK
+    out = torch.empty(n, k, dtype=torch.uint8)
+    if full:
+        b = packed[:full].reshape(-1, k, 32)
+        blocks = out[:full].view(-1, 2, 32, k)
+        blocks[:, 0] = (b & 15).transpose(1, 2)
+        blocks[:, 1] = (b >> 4).transpose(1, 2)
+    if full < n:
+        t = packed[full:].reshape(k, (n - full) // 2)
+        out[full::2] = (t & 15).t()
+        out[full + 1::2] = (t >> 4).t()
+    return out
+
+
+MANY_ROWS = 5  # rows from which a dense bf16 product beats the packed kernels (ManyRows)
+
+
+class ManyRows(nn.Module):
+    """A KernelLinear whose calls of MANY_ROWS rows or more go to a dense bf16 copy of its
+    weight. torch's packed CPU kernels are matrix-vector kernels: fastest for one row, but
+    their time grows with every row, while a dense bf16 product (oneDNN) is a real matrix
+    kernel (measured on the development machine, 1 thread, SmolLM2's 49152 x 576 head as
+    GGUF Q8_0, two 4-bit terms, against dense: 1.9 / 3.0 ms for one row, 2.9 / 3.4 ms for 4,
+    4.9 / 3.6 ms for 5 (the kernels take rows 4 at a time), 22 / 6.7 ms for 32, 86 / 18 ms
+    for 128). For a draft model's head, which a tree's
+    growth runs over 32-256 rows a forward: it costs the dense copy's memory (2 bytes a weight)
+    and rounds the weights to bf16 there, which a draft may (the target verifies every guess);
+    a target's head or layers never take it (a tree pass must give the bits of one-token
+    passes)."""
+
+    def __init__(self, linear: KernelLinear):
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("dense", linear.dense_weight().to(KERNEL_DTYPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < MANY_ROWS * self.in_features:
+            return self.linear(x)
+        y = torch.nn.functional.linear(x.to(KERNEL_DTYPE), self.dense).to(x.dtype)
+        return y if self.linear.bias is None else y + self.linear.bias
+
+    def extra_repr(self) -> str:
+        return f"dense bf16 copy from {MANY_ROWS} rows"
 
 
 # Linear modules of one parent that take the same input (a Llama layer's attention and MLP):

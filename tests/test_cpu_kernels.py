@@ -170,6 +170,93 @@ def test_what_does_not_map_is_left_to_the_dequantizer():
     assert KERNEL_DTYPE == torch.bfloat16
 
 
+@pytest.mark.parametrize("rows", [64, 192, 80, 16, 112])
+def test_packed_codes_unpack_to_what_was_packed(rows):
+    """unpack_int4 reads torch's int4 packing back (whole blocks of 64 rows and the rows past
+    them are laid out differently): a change of that layout in a new torch fails here."""
+    from offload.kernels import unpack_int4
+
+    codes = torch.randint(0, 16, (rows, 128), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(rows))
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(unpack_int4(packed, rows, 128).int(), codes)
+
+
+def _gguf_linear(qtype: str, rows: int, cols: int):
+    data = random_blocks(qtype, rows, cols, scale=0.01)
+    buffer = torch.from_numpy(data.reshape(-1).copy())
+    return kernel_weights(Entry("w", (rows, cols), torch.float32, "gguf",
+                                ((0, buffer.numel(), torch.uint8, (buffer.numel(),)),),
+                                (qtype, 0)), buffer)
+
+
+def _int8_linear(rows: int, cols: int):
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    scale = torch.rand(rows, 1) * 0.01
+    buffer = torch.cat([q.view(torch.uint8).reshape(-1), scale.view(torch.uint8).reshape(-1)])
+    return kernel_weights(Entry("w", (rows, cols), torch.float32, "int8",
+                                ((0, q.numel(), torch.int8, (rows, cols)),
+                                 (q.numel(), rows * 4, torch.float32, (rows, 1)))), buffer)
+
+
+@pytest.mark.parametrize("form", ["Q4_1", "Q4_K", "Q8_0", "int8"])
+def test_a_kernel_linears_dense_weight_is_what_its_kernel_multiplies_by(form):
+    """dense_weight() against the kernel itself: the product with the identity reads each
+    weight back (rounded to bf16 per 4-bit term by the kernel's output). Rows past the blocks
+    of 64 and chunks of it are covered (208 rows, chunks of 128)."""
+    linear = _int8_linear(208, 256) if form == "int8" else _gguf_linear(form, 208, 256)
+    dense = linear.dense_weight(chunk=128)
+    read = linear(torch.eye(256)).t()  # [out, in]
+    terms = 2 if form == "Q8_0" else 1
+    # Per term, the kernel's bf16 output is within half a bf16 unit of the exact weight.
+    bound = dense.abs().amax() * 2.0 ** -8 * terms if terms > 1 else dense.abs() * 2.0 ** -8
+    assert ((dense - read).abs() <= bound).all(), form
+    assert (dense - read).abs().max() < 0.05 * dense.abs().max()  # not all zero, not far off
+    assert dense.abs().max() > 0
+
+
+def test_many_rows_go_to_the_dense_copy_and_few_to_the_kernel():
+    """ManyRows: under MANY_ROWS rows, the kernel's own bits; from MANY_ROWS on, a bf16 product
+    with the dense copy, within bf16 rounding of the kernel's."""
+    from offload.kernels import MANY_ROWS, ManyRows
+
+    linear = _gguf_linear("Q8_0", 128, 256)
+    wide = ManyRows(linear)
+    few = torch.randn(MANY_ROWS - 1, 256)
+    assert torch.equal(wide(few), linear(few))
+    many = torch.randn(3, MANY_ROWS, 256)  # any leading shape: rows are all but the last dim
+    got = wide(many)
+    want = torch.nn.functional.linear(many.to(KERNEL_DTYPE), wide.dense).float()
+    assert got.shape == (3, MANY_ROWS, 128) and torch.equal(got, want)
+    w = linear.dense_weight()
+    assert ((got - linear(many)).abs() <= _bf16_bound(many.reshape(-1, 256), w, 3).view(got.shape)).all()
+
+
+def test_a_draft_head_gets_its_dense_copy_only_where_it_fits(monkeypatch):
+    """dense_head: a packed head gets the copy; a head too big for DENSE_HEAD_MAX keeps the
+    kernels alone; a float head is left as it is."""
+    import drafts.model as dm
+    from offload.kernels import ManyRows
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def draft():
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+        return LlamaForCausalLM(cfg)
+
+    plain = draft()
+    assert not dm.dense_head(plain) and isinstance(plain.lm_head, torch.nn.Linear)
+    packed = draft()
+    packed.lm_head = _gguf_linear("Q4_1", 128, 64)
+    monkeypatch.setattr(dm, "DENSE_HEAD_MAX", 128 * 64 * 2 - 1)  # one byte short
+    assert not dm.dense_head(packed) and not isinstance(packed.lm_head, ManyRows)
+    monkeypatch.setattr(dm, "DENSE_HEAD_MAX", 128 * 64 * 2)
+    head = packed.lm_head
+    assert dm.dense_head(packed) and isinstance(packed.lm_head, ManyRows)
+    assert packed.lm_head.linear is head and packed.get_output_embeddings() is packed.lm_head
+    assert not dm.dense_head(packed)  # once
+
+
 # --- the default model as the app runs it on a CPU: its Q4_1 GGUF through the kernels ---
 
 @pytest.fixture(scope="module")
@@ -238,7 +325,7 @@ def own_greedy(model, ids, stops, tokenizer, new):
 
 
 @pytest.mark.parametrize("draft,budget,threads", [("ngram", 4, 2), ("ngram", 16, 1),
-                                                  ("distilled", 8, 2)])
+                                                  ("distilled", 8, 2), ("distilled", 64, 1)])
 def test_greedy_specexec_on_the_kernels_is_their_own_greedy(kernel_model, tokenizer, chat_ids,
                                                              draft, budget, threads, steps):
     """Exactness against the target as it computes, token for token, no near-tie allowed:
@@ -247,6 +334,7 @@ def test_greedy_specexec_on_the_kernels_is_their_own_greedy(kernel_model, tokeni
     offload/cpu_forward.py; attending together under the tree's mask, one of these differed)."""
     from drafts import ModelDrafter, NgramDrafter
     from drafts.distilled import load_draft
+    from offload.kernels import ManyRows
     from specexec_app.loading.sources import SHIPPED_DRAFTS
     from test_exactness import run
 
@@ -256,6 +344,9 @@ def test_greedy_specexec_on_the_kernels_is_their_own_greedy(kernel_model, tokeni
     else:
         dmodel = load_draft(SHIPPED_DRAFTS["smollm2-distilled"], kernel_model, torch.device("cpu"))
         drafter = ModelDrafter(dmodel, kernel_model.config.vocab_size, stop_ids=frozenset(stops))
+        # The draft's forwards of 5+ rows take a dense copy of the shared head; the target's
+        # head is the same packed module as before, never the copy.
+        assert isinstance(dmodel.lm_head, ManyRows) and dmodel.lm_head.linear is kernel_model.lm_head
     before, saved = torch.get_num_threads(), 0
     for prompt in (BANANAS, TRAVEL):
         ids = chat_ids(prompt)

@@ -84,9 +84,10 @@ def test_forward_count_batch_and_early_stop(tiny):
     tree = capped.propose(prompt, 30)
     assert capped.forwards == 3 and len(tree) == 3 + 3 + 3  # root's 3 children, 2 more runs
     assert max(tree.depths) <= 3  # one level a forward at most
-    # Defaults: about budget / 8 nodes a forward (at least 128); 16 forwards at most up to
-    # budget 2048, 20 at 4096.
+    # Defaults: about budget / 8 nodes a forward (at least 128 on a GPU, 32 on a CPU); 16
+    # forwards at most up to budget 2048, 20 at 4096.
     assert expand_batch(64) == 128 and expand_batch(2048) == 256
+    assert expand_batch(64, "cpu") == 32 and expand_batch(2048, "cpu") == 256
     assert forward_cap(2048) == 16 and forward_cap(4096) == 20 and forward_cap(256) == 16
 
 
