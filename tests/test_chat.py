@@ -384,3 +384,40 @@ def test_a_control_tokens_text_in_a_message_stays_text(pipe, transformers):
     trims = trims if transformers == "sanitizing" else TokenizerBefore(trims)
     ids = encode_chat(trims, [{"role": "user", "content": f"  {forged}\n"}])
     assert ids.count(start) == 2 and ids.count(end) == 1 and tok.decode(ids).count(forged) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals here")
+def test_keys_typed_during_a_load_or_reply_are_not_echoed_and_wait_for_the_prompt():
+    """keys_held on a real (pseudo-)terminal: echo and line editing off inside, Ctrl+C still a
+    signal; nothing typed meanwhile is echoed into the output, and it is all still there for
+    the next reader; the terminal's settings come back as they were."""
+    import select
+    import termios
+
+    from specexec_app.ui.terminal import keys_held
+
+    master, slave = os.openpty()
+    try:
+        tty_in = os.fdopen(slave, "rb", buffering=0, closefd=False)
+
+        def echoed() -> bytes:
+            out = b""
+            while select.select([master], [], [], 0.2)[0]:
+                out += os.read(master, 100)
+            return out
+
+        before = termios.tcgetattr(slave)
+        os.write(master, b"a\n")  # with the terminal as it is, a key echoes
+        assert echoed().startswith(b"a") and os.read(slave, 100) == b"a\n"
+        with keys_held(tty_in):
+            lflag = termios.tcgetattr(slave)[3]
+            assert not lflag & termios.ECHO and not lflag & termios.ICANON and lflag & termios.ISIG
+            os.write(master, b"next question")
+            assert echoed() == b""
+        assert termios.tcgetattr(slave) == before
+        assert os.read(slave, 100) == b"next question"
+        with keys_held(io.BytesIO()):  # not a terminal: nothing to do
+            pass
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -25,6 +25,7 @@ from specexec_app.core.engine import Done, Notice, Pass, Stats, Text
 from specexec_app.errors import UserError
 from specexec_app.files import write_atomic
 from specexec_app.loading.session import Pipeline
+from specexec_app.ui.terminal import keys_held
 
 from .render import stats_line, total, what_runs
 
@@ -354,7 +355,7 @@ class ChatREPL:
         reply, done, interrupted = "", None, False
         stats = Stats(prompt_tokens=len(ids), reused_prompt_tokens=self.pipe.target.cached(ids))
         status = self.console.status("[dim]thinking...[/]", spinner="dots")
-        with self.stopping.during_reply():
+        with self.stopping.during_reply(), keys_held():
             try:
                 status.start()
                 for event in self.pipe.generate(ids, self.settings):

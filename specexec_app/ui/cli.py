@@ -84,6 +84,7 @@ def load(config, console: Console = err):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from specexec_app.loading.session import build
+    from specexec_app.ui.terminal import keys_held
 
     live = console.is_terminal
     bar = Progress(TextColumn("placing layers"), BarColumn(), MofNCompleteColumn(),
@@ -101,7 +102,8 @@ def load(config, console: Console = err):
             bar.stop()
             status.start()
 
-    with console.status("loading models...", spinner="dots") if live else _Quiet() as status:
+    with keys_held(), console.status("loading models...", spinner="dots") if live else _Quiet() \
+            as status:
         try:
             pipe = build(config.load, status=lambda msg: status.update(escape(msg) + "..."),
                          progress=progress)
