@@ -24,6 +24,7 @@ import torch
 
 import drafts.model as dm
 from drafts.model import ModelDrafter
+from offload.kernels import ManyRows
 from specexec_app.core.kvcache import CACHE_ARG
 from specexec_app.core.lm import forward_tree, model_device
 from specexec_app.core.tree import Tree
@@ -163,6 +164,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; at 1, times are the thread's CPU time (deaf to other load)")
+    ap.add_argument("--head", choices=("dense", "packed"), default="dense",
+                    help="a head on the CPU's packed kernels as the app runs it for a draft (with a "
+                         "dense copy for many rows, drafts.model.dense_head), or the kernels alone")
     ap.add_argument("--out", type=Path, default=Path("bench-out/draft_bench.json"))
     args = ap.parse_args()
 
@@ -174,6 +178,8 @@ def main() -> None:
     stops = d.stop_ids
     new = ModelDrafter(d.model, d.vocab_size, stop_ids=stops)
     old = OldDrafter(d.model, d.vocab_size, stop_ids=stops)
+    if args.head == "packed" and isinstance(d.model.lm_head, ManyRows):
+        d.model.lm_head = d.model.lm_head.linear  # the draft's head as it was before the copy
     time_head(new, "_logprobs")  # both: one batched log-softmax per forward
     time_head(old, "_logprobs")
     encoded = [pipe.encode(p) for _, p in bench_prompts()[: args.prompts]]
@@ -200,7 +206,7 @@ def main() -> None:
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps({
         "date": datetime.date.today().isoformat(), "machine": platform.platform(terse=True),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "head": type(d.model.lm_head).__name__,
         "clock": "thread CPU time" if args.threads == 1 else "wall", "target": pipe.target_name, "draft": pipe.draft_name,
         "prompts": len(encoded), "rows": rows}, indent=1) + "\n")
     tmp.replace(args.out)

@@ -129,17 +129,16 @@ class ManyRows(nn.Module):
     kernel (measured on the development machine, 1 thread, SmolLM2's 49152 x 576 head as
     GGUF Q8_0, two 4-bit terms, against dense: 1.9 / 3.0 ms for one row, 2.9 / 3.4 ms for 4,
     4.9 / 3.6 ms for 5 (the kernels take rows 4 at a time), 22 / 6.7 ms for 32, 86 / 18 ms
-    for 128). For a draft model's head, which a tree's
-    growth runs over 32-256 rows a forward: it costs the dense copy's memory (2 bytes a weight)
-    and rounds the weights to bf16 there, which a draft may (the target verifies every guess);
-    a target's head or layers never take it (a tree pass must give the bits of one-token
-    passes)."""
+    for 128). For a draft model's head, which a tree's growth runs over 32-256 rows a forward:
+    it costs the dense copy's memory (2 bytes a weight) and rounds the weights to bf16 there,
+    which a draft may (the target verifies every guess); a target's head or layers never take
+    it (a tree pass must give the bits of one-token passes)."""
 
     def __init__(self, linear: KernelLinear):
         super().__init__()
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("dense", linear.dense_weight().to(KERNEL_DTYPE))
+        self.register_buffer("dense", linear.dense_weight(KERNEL_DTYPE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() < MANY_ROWS * self.in_features:
