@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 
 import pytest
 from rich.console import Console
@@ -386,38 +387,88 @@ def test_a_control_tokens_text_in_a_message_stays_text(pipe, transformers):
     assert ids.count(start) == 2 and ids.count(end) == 1 and tok.decode(ids).count(forged) == 1
 
 
-@pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals here")
+def _in_a_terminal(child, typed: bytes = b"") -> bytes:
+    """Run child() in a forked process whose controlling terminal, stdin and stdout are a new
+    pseudo-terminal; type `typed` once it writes "ready"; return all it (and the terminal's
+    echo) wrote. A child stopped or stuck fails the test after 10 s."""
+    import pty
+    import select
+
+    pid, master = pty.fork()
+    if pid == 0:  # the child: never back into pytest
+        try:
+            child()
+        finally:
+            os._exit(0)
+    out, deadline = b"", time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(master, 1000)
+                except OSError:  # the child exited and closed the terminal
+                    break
+                if not chunk:
+                    break
+                if typed and b"ready" in out + chunk and b"ready" not in out:
+                    os.write(master, typed)
+                out += chunk
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"the child hung (stopped?): {out!r}")
+    finally:
+        os.close(master)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="no pseudo-terminals")
 def test_keys_typed_during_a_load_or_reply_are_not_echoed_and_wait_for_the_prompt():
-    """keys_held on a real (pseudo-)terminal: echo and line editing off inside, Ctrl+C still a
-    signal; nothing typed meanwhile is echoed into the output, and it is all still there for
-    the next reader; the terminal's settings come back as they were."""
+    """keys_held on a real (pseudo-)terminal, as `chat` runs it: echo and line editing off inside
+    (Ctrl+C still a signal); keys typed meanwhile are not echoed into the output and are all
+    there for the next reader; the terminal's settings come back as they were. In the
+    background it leaves the terminal alone (changing it there would stop the process)."""
     import select
     import termios
 
     from specexec_app.ui.terminal import keys_held
 
-    master, slave = os.openpty()
-    try:
-        tty_in = os.fdopen(slave, "rb", buffering=0, closefd=False)
+    def stdin():  # the terminal (pytest's sys.stdin is its own stand-in)
+        return io.FileIO(0, closefd=False)
 
-        def echoed() -> bytes:
-            out = b""
-            while select.select([master], [], [], 0.2)[0]:
-                out += os.read(master, 100)
-            return out
+    def foreground():
+        before = termios.tcgetattr(0)
+        with keys_held(stdin()):
+            lflag = termios.tcgetattr(0)[3]
+            os.write(1, b"echo %d icanon %d isig %d ready\r\n" % (
+                bool(lflag & termios.ECHO), bool(lflag & termios.ICANON), bool(lflag & termios.ISIG)))
+            select.select([0], [], [], 5)
+            time.sleep(0.2)  # time for an echo, if any
+        os.write(1, b"restored %d\r\n" % (termios.tcgetattr(0) == before))
+        os.write(1, b"read [" + os.read(0, 100) + b"]\r\n")
 
-        before = termios.tcgetattr(slave)
-        os.write(master, b"a\n")  # with the terminal as it is, a key echoes
-        assert echoed().startswith(b"a") and os.read(slave, 100) == b"a\n"
-        with keys_held(tty_in):
-            lflag = termios.tcgetattr(slave)[3]
-            assert not lflag & termios.ECHO and not lflag & termios.ICANON and lflag & termios.ISIG
-            os.write(master, b"next question")
-            assert echoed() == b""
-        assert termios.tcgetattr(slave) == before
-        assert os.read(slave, 100) == b"next question"
-        with keys_held(io.BytesIO()):  # not a terminal: nothing to do
-            pass
-    finally:
-        os.close(master)
-        os.close(slave)
+    out = _in_a_terminal(foreground, b"next question")
+    assert b"echo 0 icanon 0 isig 1 ready" in out, out
+    assert b"restored 1" in out and b"read [next question]" in out, out
+    assert out.count(b"next question") == 1, out  # only where the child read it: no echo
+
+    def background():
+        pid = os.fork()  # (the child leads its session, so its own child changes group)
+        if pid == 0:
+            try:
+                os.setpgid(0, 0)  # a group of its own: not the terminal's foreground
+                with keys_held(stdin()):
+                    os.write(1, b"echo %d\r\n" % bool(termios.tcgetattr(0)[3] & termios.ECHO))
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)  # one stopped by SIGTTOU never returns: the test fails on time
+
+    assert b"echo 1" in _in_a_terminal(background)
+    with keys_held(io.BytesIO()):  # not a terminal: nothing to do
+        pass

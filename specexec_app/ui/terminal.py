@@ -12,12 +12,14 @@ def keys_held(stream=None):
     """While a spinner or a reply is on screen, keys typed are not echoed into it, and not lost:
     the terminal's echo and line editing are off (signals stay on, so Ctrl+C still stops), and
     what was typed waits in the input queue, where the next prompt's line editor finds it.
-    Where `stream` (stdin by default) is no terminal, nothing changes."""
+    Where `stream` (stdin by default) is no terminal, or the process runs in the background
+    (`specexec run ... &`: changing the terminal would stop it with SIGTTOU), nothing
+    changes."""
     try:
         import termios
 
         fd = (stream or sys.stdin).fileno()
-        if not os.isatty(fd):
+        if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
             raise OSError
         old = termios.tcgetattr(fd)
     except (ImportError, OSError, ValueError, AttributeError):  # no termios, no terminal, closed
