@@ -17,19 +17,22 @@ def keys_held(stream=None):
     changes."""
     try:
         import termios
-
+    except ImportError:  # not a POSIX terminal
+        yield
+        return
+    try:
         fd = (stream or sys.stdin).fileno()
         if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
             raise OSError
         old = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, AttributeError):  # no termios, no terminal, closed
+        held = list(old)
+        held[3] &= ~(termios.ECHO | termios.ICANON)
+        held[6] = list(old[6])
+        held[6][termios.VMIN], held[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(fd, termios.TCSANOW, held)  # TCSANOW: keys already typed stay queued
+    except (OSError, ValueError, AttributeError, termios.error):  # no terminal, closed, gone
         yield
         return
-    held = list(old)
-    held[3] &= ~(termios.ECHO | termios.ICANON)
-    held[6] = list(old[6])
-    held[6][termios.VMIN], held[6][termios.VTIME] = 1, 0
-    termios.tcsetattr(fd, termios.TCSANOW, held)  # TCSANOW: keys already typed stay queued
     try:
         yield
     finally:
