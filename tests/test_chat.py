@@ -387,12 +387,14 @@ def test_a_control_tokens_text_in_a_message_stays_text(pipe, transformers):
     assert ids.count(start) == 2 and ids.count(end) == 1 and tok.decode(ids).count(forged) == 1
 
 
-def _in_a_terminal(child, typed: bytes = b"") -> bytes:
+def _in_a_terminal(child, typed: bytes = b"") -> tuple[bytes, list]:
     """Run child() in a forked process whose controlling terminal, stdin and stdout are a new
     pseudo-terminal; type `typed` once it writes "ready"; return all it (and the terminal's
-    echo) wrote. A child stopped or stuck fails the test after 10 s."""
+    echo) wrote, and the terminal's settings once it ended. A child stopped or stuck fails the
+    test after 10 s."""
     import pty
     import select
+    import termios
 
     pid, master = pty.fork()
     if pid == 0:  # the child: never back into pytest
@@ -419,32 +421,33 @@ def _in_a_terminal(child, typed: bytes = b"") -> bytes:
         else:
             os.kill(pid, signal.SIGKILL)
             pytest.fail(f"the child hung (stopped?): {out!r}")
-    finally:
-        os.close(master)
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
-    return out
+        return out, termios.tcgetattr(master)
+    finally:
+        os.close(master)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="no pseudo-terminals")
 def test_keys_typed_during_a_load_or_reply_are_not_echoed_and_wait_for_the_prompt():
     """keys_held on a real (pseudo-)terminal, as `chat` runs it: echo and line editing off inside
     (Ctrl+C still a signal); keys typed meanwhile are not echoed into the output and are all
-    there for the next reader; the terminal's settings come back as they were. In the
-    background it leaves the terminal alone (changing it there would stop the process)."""
+    there for the next reader; the terminal's settings come back as they were, also when
+    SIGTERM ends the process. In the background, or with stdout into a pipe (a pager), it
+    leaves the terminal alone (changing it in the background would stop the process)."""
     import select
     import termios
 
     from specexec_app.ui.terminal import keys_held
 
-    def stdin():  # the terminal (pytest's sys.stdin is its own stand-in)
-        return io.FileIO(0, closefd=False)
+    def held():  # on the terminal (pytest's sys.stdin and sys.stdout are its own stand-ins)
+        return keys_held(io.FileIO(0, closefd=False), io.FileIO(1, "w", closefd=False))
 
     def foreground():
         before = termios.tcgetattr(0)
-        with keys_held(stdin()):
+        with held():
             lflag = termios.tcgetattr(0)[3]
             os.write(1, b"echo %d icanon %d isig %d ready\r\n" % (
                 bool(lflag & termios.ECHO), bool(lflag & termios.ICANON), bool(lflag & termios.ISIG)))
@@ -453,22 +456,40 @@ def test_keys_typed_during_a_load_or_reply_are_not_echoed_and_wait_for_the_promp
         os.write(1, b"restored %d\r\n" % (termios.tcgetattr(0) == before))
         os.write(1, b"read [" + os.read(0, 100) + b"]\r\n")
 
-    out = _in_a_terminal(foreground, b"next question")
+    out, after = _in_a_terminal(foreground, b"next question")
     assert b"echo 0 icanon 0 isig 1 ready" in out, out
     assert b"restored 1" in out and b"read [next question]" in out, out
     assert out.count(b"next question") == 1, out  # only where the child read it: no echo
+
+    def killed():  # SIGTERM inside: the settings come back before it dies of it
+        with held():
+            os.write(1, b"held %d\r\n" % (not termios.tcgetattr(0)[3] & termios.ECHO))
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        os.write(1, b"survived\r\n")
+
+    out, after = _in_a_terminal(killed)
+    assert b"held 1" in out and b"survived" not in out, out
+    assert after[3] & termios.ECHO and after[3] & termios.ICANON
+
+    def piped():  # stdout into a pipe (a pager's): the terminal is the pager's, left alone
+        r, w = os.pipe()
+        with keys_held(io.FileIO(0, closefd=False), io.FileIO(w, "w", closefd=False)):
+            os.write(1, b"echo %d\r\n" % bool(termios.tcgetattr(0)[3] & termios.ECHO))
+
+    assert b"echo 1" in _in_a_terminal(piped)[0]
 
     def background():
         pid = os.fork()  # (the child leads its session, so its own child changes group)
         if pid == 0:
             try:
                 os.setpgid(0, 0)  # a group of its own: not the terminal's foreground
-                with keys_held(stdin()):
+                with held():
                     os.write(1, b"echo %d\r\n" % bool(termios.tcgetattr(0)[3] & termios.ECHO))
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)  # one stopped by SIGTTOU never returns: the test fails on time
 
-    assert b"echo 1" in _in_a_terminal(background)
+    assert b"echo 1" in _in_a_terminal(background)[0]
     with keys_held(io.BytesIO()):  # not a terminal: nothing to do
         pass

@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -174,11 +174,10 @@ def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it fro
         stats_json: Annotated[Optional[Path], typer.Option(show_default=False, help="Write the run's stats as JSON to this file.")] = None,
         opts: dict = None) -> None:
     """Generate one reply to PROMPT, streamed to stdout; diagnostics go to stderr."""
-    from specexec_app.core.engine import Stats
     from specexec_app.files import check_writable, write_atomic
-    from .render import stats_line, what_runs
+    from .terminal import keys_held
 
-    with friendly_errors():
+    with friendly_errors(), ExitStack() as held:
         prompt = read_prompt(prompt)
         if raw and system:
             raise UserError("--system goes into the chat template, which --raw leaves out")
@@ -187,6 +186,10 @@ def run(prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it fro
                 raise UserError("--stats-json takes a file: stdout holds the reply "
                                 "(/dev/stderr writes the JSON there)")
             check_writable(stats_json, "--stats-json")
+        held.enter_context(keys_held())  # the prompt is read: keys typed now go to no reply
+        from specexec_app.core.engine import Stats  # (imports torch: seconds)
+        from .render import stats_line, what_runs
+
         config, profile = resolve_config(opts)
         pipe = load(config)
         if stats:  # what ran, as chat's first line says it
@@ -234,15 +237,18 @@ def chat(system: SystemOpt = None,
          history: Annotated[bool, typer.Option(help="Keep input history across sessions.")] = True,
          opts: dict = None) -> None:
     """Chat with the model in the terminal. /help lists the commands; Ctrl+C stops a reply."""
-    from .chat import ChatREPL, history_file
+    from .terminal import keys_held
 
     # Ctrl+C must reach the REPL even when the shell that started us ignored SIGINT (a job started
     # in the background by a script): Python leaves an ignored SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     out = Console(highlight=False)
     with friendly_errors():
-        config, profile = resolve_config(opts, max_new_tokens=512)
-        pipe = load(config, out)
+        with keys_held():  # from the start: importing torch takes seconds before the spinner
+            from .chat import ChatREPL, history_file
+
+            config, profile = resolve_config(opts, max_new_tokens=512)
+            pipe = load(config, out)
         ChatREPL(pipe, config.decode, out, system=system, footer=footer,
                  history=history_file() if history else None, tuned=config.from_profile,
                  tip=profile is None).loop()
